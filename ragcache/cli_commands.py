@@ -1,0 +1,110 @@
+"""The core subcommands: `model`, `doctor`, `generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ragcache.embedded_models import DEFAULT_MODEL, EMBEDDED_MODELS
+from ragcache.model_prepare import QUANT_MODES, is_complete, prepare_model, prepared_path
+from ragcache.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="prepare and list the embedded models")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    prep = model_sub.add_parser(
+        "prepare", help="convert an embedded GGUF to an MLX folder (once; later runs return at once)"
+    )
+    prep.add_argument("name", nargs="?", default=None, help=f"default: {DEFAULT_MODEL}")
+    prep.add_argument("--all", action="store_true", help="prepare every embedded model")
+    prep.add_argument("--quant", choices=list(QUANT_MODES), default=None)
+    prep.set_defaults(func=cmd_model_prepare)
+    lst = model_sub.add_parser("list", help="embedded models and whether they are prepared")
+    lst.set_defaults(func=cmd_model_list)
+
+    doctor = sub.add_parser("doctor", help="check BLAS speed, model and memory; say how to fix")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+
+    gen = sub.add_parser("generate", help="stream a completion from the generator (debugging)")
+    gen.add_argument("prompt", help="the prompt text; '-' reads standard input")
+    gen.add_argument("--model", default=None, help="embedded name, model folder or hub id")
+    gen.add_argument("--quant", choices=list(QUANT_MODES), default=None)
+    gen.add_argument("--system", default=None, help="system prompt (chat models)")
+    gen.add_argument("--raw", action="store_true", help="no chat template, even for chat models")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    names = list(EMBEDDED_MODELS) if args.all else [args.name or settings.model.name]
+    quant = args.quant or settings.model.quant
+    for name in names:
+        prepared = prepare_model(name, settings.home, quant)
+        took = f"prepared in {prepared.seconds:.0f} s" if prepared.seconds else "already prepared"
+        print(f"{name} [{quant}] -> {prepared.path} ({took})")
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
+    for name, spec in EMBEDDED_MODELS.items():
+        ready = [q for q in QUANT_MODES if is_complete(prepared_path(settings.home, name, q))]
+        mark = "*" if name == settings.model.name else " "
+        print(f"{mark} {name:24} {spec.description}; prepared: {', '.join(ready) or 'no'}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from ragcache.doctor import format_report, run_doctor
+
+    report = run_doctor(settings)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 1 if report.problems else 0
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from ragcache.engine import Completion, Engine
+    from ragcache.model_loader import load_model
+    from ragcache.sampling import SamplingParams
+    from ragcache.segments import Message, encode_chat, encode_segments
+
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    gen = settings.generation
+    loaded = load_model(args.model or settings.model.name, settings.home, args.quant or settings.model.quant)
+    if loaded.chat and not args.raw:
+        messages = ([Message("system", (args.system,))] if args.system else []) + [
+            Message("user", (text,))
+        ]
+        prompt = encode_chat(loaded.tokenizer, messages)
+    else:
+        prompt = encode_segments(loaded.tokenizer, [text])
+    params = SamplingParams(
+        max_tokens=args.max_tokens or gen.max_tokens,
+        temperature=gen.temperature if args.temperature is None else args.temperature,
+        top_p=gen.top_p if args.top_p is None else args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    engine = Engine(loaded, gen)
+    for event in engine.stream(prompt, params):
+        if isinstance(event, Completion):
+            if args.json:
+                print(json.dumps({"text": event.text, **event.stats.as_dict()}))
+            else:
+                s = event.stats
+                print(
+                    f"\n[{s.prompt_tokens} prompt tokens, ttft {s.ttft_s:.2f} s, "
+                    f"prefill {s.prefill_tps:.0f} tok/s, decode {s.decode_tps:.1f} tok/s, "
+                    f"{s.generated_tokens} tokens, {s.finish_reason}]",
+                    file=sys.stderr,
+                )
+        elif not args.json:
+            print(event.text, end="", flush=True)
+    return 0

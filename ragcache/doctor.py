@@ -1,0 +1,143 @@
+"""`ragcache doctor`: what this machine gives ragcache, measured, and how to fix what is wrong."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ragcache.blas import blas_status
+from ragcache.embedded_models import EMBEDDED_MODELS
+from ragcache.model_prepare import is_complete, prepared_path
+from ragcache.settings import Settings
+
+# Below this a 1024^3 float32 GEMM is running on a reference BLAS (about 3-8 here).
+MIN_GOOD_GFLOPS = 50.0
+
+
+@dataclass
+class DoctorReport:
+    platform: str
+    python: str
+    mlx: str
+    mlx_lm: str
+    mlx_device: str
+    blas: dict
+    gemm_gflops: float
+    model: str
+    model_path: str
+    model_prepared: bool
+    model_quantization: str
+    free_memory_bytes: int
+    problems: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def free_memory_bytes() -> int:
+    """Memory available to new allocations (MemAvailable on Linux, physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """float32 n x n matmul rate on MLX's default device, after one warm-up."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), dtype=mx.float32)
+    b = mx.random.normal((n, n), dtype=mx.float32)
+    mx.eval(a, b, a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def run_doctor(settings: Settings) -> DoctorReport:
+    import mlx.core as mx
+
+    status = blas_status()
+    gflops = measure_gemm_gflops()
+    name = settings.model.name
+    quant = settings.model.quant
+    if name in EMBEDDED_MODELS:
+        path = prepared_path(settings.home, name, quant)
+        prepared = is_complete(path)
+        quantization = "float32" if quant == "none" else quant
+    else:
+        path = Path(name).expanduser()
+        prepared = (path / "config.json").exists()
+        quantization = "see config.json" if prepared else "unknown"
+    report = DoctorReport(
+        platform=f"{platform.system()} {platform.machine()}",
+        python=sys.version.split()[0],
+        mlx=_pkg_version("mlx"),
+        mlx_lm=_pkg_version("mlx-lm"),
+        mlx_device=str(mx.default_device()),
+        blas=asdict(status),
+        gemm_gflops=round(gflops, 1),
+        model=name,
+        model_path=str(path),
+        model_prepared=prepared,
+        model_quantization=quantization,
+        free_memory_bytes=free_memory_bytes(),
+    )
+    if not status.optimized and sys.platform.startswith("linux"):
+        report.problems.append(f"MLX runs on the reference BLAS: {status.reason}")
+        report.fixes.append(
+            "apt-get install libopenblas0-pthread (or run the README's set-up command), "
+            "and import ragcache before mlx"
+        )
+    if gflops < MIN_GOOD_GFLOPS and sys.platform.startswith("linux"):
+        report.problems.append(f"float32 GEMM runs at {gflops:.1f} GFLOP/s (expected >= 100)")
+        report.fixes.append("check OPENBLAS_CORETYPE, and that nothing else loads a BLAS first")
+    if not prepared:
+        report.problems.append(f"model {name!r} is not prepared at {path}")
+        report.fixes.append(f"ragcache model prepare {name}" + (f" --quant {quant}" if quant != "none" else ""))
+    if report.free_memory_bytes and report.free_memory_bytes < 2 << 30:
+        report.problems.append(f"only {report.free_memory_bytes >> 20} MiB of memory free")
+        report.fixes.append("close other programs or lower the cache budget")
+    return report
+
+
+def format_report(report: DoctorReport) -> str:
+    b = report.blas
+    lines = [
+        f"platform      {report.platform}, Python {report.python}",
+        f"mlx           {report.mlx} (mlx-lm {report.mlx_lm}), device {report.mlx_device}",
+        f"blas          {b['name']} {b['library'] or ''} core={b['core_type'] or '-'} "
+        f"({b['core_type_source'] or '-'}): {b['reason']}",
+        f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
+        f"model         {report.model} [{report.model_quantization}] at {report.model_path} "
+        f"({'ready' if report.model_prepared else 'not prepared'})",
+        f"free memory   {report.free_memory_bytes / 2**30:.1f} GiB",
+    ]
+    if report.problems:
+        lines.append("")
+        for problem, fix in zip(report.problems, report.fixes, strict=True):
+            lines.append(f"problem: {problem}\n  fix: {fix}")
+    else:
+        lines.append("all good")
+    return "\n".join(lines)

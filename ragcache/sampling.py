@@ -1,0 +1,64 @@
+"""Sampling parameters and stop-string matching for streamed generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ragcache.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 is greedy: the mode the cache's exactness guarantee is stated for
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> SamplingParams:
+        """Raise InvalidRequestError on out-of-range values; return self for chaining."""
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InvalidRequestError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must not be empty")
+        return self
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text without ever emitting part of one.
+
+    Text that could be the start of a stop string is held back until the next token decides.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = tuple(stop)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add streamed text; return (text safe to emit, whether a stop string was hit)."""
+        if not self.stop:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stop if s in self.pending]
+        if hits:
+            at = min(hits)[0]
+            emit, self.pending = self.pending[:at], ""
+            return emit, True
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        emit = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return emit, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
