@@ -15,24 +15,45 @@ from ragcache.model_loader import LoadedModel
 RAGCACHE = [sys.executable, "-m", "ragcache.cli"]
 
 
-def run(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, env: dict | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*RAGCACHE, *args], capture_output=True, text=True, timeout=300, input=stdin,
+        [*RAGCACHE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=stdin,
         env={**os.environ, **(env or {})},
     )
 
 
 def test_generate_streams_from_a_model_folder(tiny_llama: LoadedModel) -> None:
-    out = run("generate", "the cache keeps", "--model", str(tiny_llama.path), "--max-tokens", "5",
-              "--json")
+    out = run(
+        "generate",
+        "the cache keeps",
+        "--model",
+        str(tiny_llama.path),
+        "--max-tokens",
+        "5",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["generated_tokens"] == 5 and result["prompt_tokens"] > 0
 
 
 def test_generate_reads_stdin(tiny_llama: LoadedModel) -> None:
-    out = run("generate", "-", "--model", str(tiny_llama.path), "--max-tokens", "3", "--json",
-              stdin="the cache keeps")
+    out = run(
+        "generate",
+        "-",
+        "--model",
+        str(tiny_llama.path),
+        "--max-tokens",
+        "3",
+        "--json",
+        stdin="the cache keeps",
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -71,8 +92,13 @@ def test_reference_blas_is_reported_as_a_problem() -> None:
 
 @pytest.mark.slow
 def test_embedded_default_model_answers_end_to_end(home: Path) -> None:
-    out = run("generate", "What is the capital of France? Answer in one word.", "--max-tokens", "12",
-              "--json")
+    out = run(
+        "generate",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "12",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "paris" in result["text"].lower()
@@ -80,7 +106,14 @@ def test_embedded_default_model_answers_end_to_end(home: Path) -> None:
 
 @pytest.mark.slow
 def test_embedded_gemma_completes_text(home: Path) -> None:
-    out = run("generate", "The capital of France is", "--model", "gemma3-270m", "--max-tokens", "8",
-              "--json")
+    out = run(
+        "generate",
+        "The capital of France is",
+        "--model",
+        "gemma3-270m",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     assert "paris" in json.loads(out.stdout.strip().splitlines()[-1])["text"].lower()

@@ -47,7 +47,11 @@ def test_corrupt_gguf_fails_its_checksum_and_leaves_nothing(tmp_path: Path) -> N
     with pytest.raises(ModelPackageError, match="sha256"):
         _convert_gguf(spec, tmp_path, target)
     assert not target.exists()
-    assert not list((tmp_path / "models").glob(".*partial")) if (tmp_path / "models").exists() else True
+    assert (
+        not list((tmp_path / "models").glob(".*partial"))
+        if (tmp_path / "models").exists()
+        else True
+    )
 
 
 def test_folder_without_manifest_is_not_complete(tmp_path: Path) -> None:
@@ -61,7 +65,9 @@ def test_folder_without_manifest_is_not_complete(tmp_path: Path) -> None:
 
 def test_rope_parameters_are_lifted_for_mlx_lm(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}))
+    config.write_text(
+        json.dumps({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    )
     _make_config_mlx_compatible(config)
     assert json.loads(config.read_text())["rope_theta"] == 100000.0
     config.write_text(
@@ -77,7 +83,11 @@ def test_rope_parameters_are_lifted_for_mlx_lm(tmp_path: Path) -> None:
     )
     _make_config_mlx_compatible(config)
     out = json.loads(config.read_text())
-    assert (out["rope_theta"], out["rope_local_base_freq"], out["sliding_window_pattern"]) == (1e6, 1e4, 6)
+    assert (out["rope_theta"], out["rope_local_base_freq"], out["sliding_window_pattern"]) == (
+        1e6,
+        1e4,
+        6,
+    )
 
 
 @pytest.mark.slow
@@ -92,3 +102,20 @@ def test_prepare_is_idempotent_and_rebuilds_a_crashed_folder(tmp_path: Path) -> 
     assert rebuilt.path == prepared_path(tmp_path, "smollm2-135m-instruct")
     assert [p.name for p in (tmp_path / "models").iterdir() if "partial" in p.name] == []
     shutil.rmtree(tmp_path / "models")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["affine4", "nvfp4"])
+def test_quantized_variants_load_and_generate(home: Path, quant: str) -> None:
+    from ragcache.engine import Engine
+    from ragcache.sampling import SamplingParams
+    from ragcache.segments import encode_segments
+
+    prepared = prepare_model("smollm2-135m-instruct", home, quant)
+    config = json.loads((prepared.path / "config.json").read_text())
+    assert config["quantization"]["mode"] == ("affine" if quant == "affine4" else "nvfp4")
+    loaded = load_model("smollm2-135m-instruct", home, quant)
+    assert loaded.quantization.startswith(config["quantization"]["mode"])
+    prompt = encode_segments(loaded.tokenizer, ["The capital of France is"])
+    done = Engine(loaded).generate(prompt, SamplingParams(max_tokens=4))
+    assert done.stats.generated_tokens >= 1
