@@ -148,7 +148,10 @@ def plot(result: dict, path: Path) -> None:
     rows = result["engine_vs_raw"]
     labels = [f"{r['model'].split('-')[0]}\n{r['prompt_tokens']}" for r in rows]
     x = range(len(rows))
-    for ax, key, title in ((axes[0], "prefill", "prefill tok/s"), (axes[1], "decode", "decode tok/s")):
+    for ax, key, title in (
+        (axes[0], "prefill", "prefill tok/s"),
+        (axes[1], "decode", "decode tok/s"),
+    ):
         ax.bar([i - 0.2 for i in x], [r[f"raw_{key}_tps"] for r in rows], 0.4, label="mlx-lm raw")
         ax.bar([i + 0.2 for i in x], [r[f"ours_{key}_tps"] for r in rows], 0.4, label="ragcache")
         ax.set_xticks(list(x), labels)
@@ -158,10 +161,18 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[2]
     ax.bar([r["quant"] for r in q], [r["perplexity"] for r in q], color="tab:green")
     for i, r in enumerate(q):
-        ax.text(i, r["perplexity"], f"{r['size_mb']:.0f} MB\n{r['prefill_tps']:.0f}/{r['decode_tps']:.1f} tok/s",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            i,
+            r["perplexity"],
+            f"{r['size_mb']:.0f} MB\n{r['prefill_tps']:.0f}/{r['decode_tps']:.1f} tok/s",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_title(f"{result['quantization_model']}: perplexity (size, prefill/decode)")
-    fig.suptitle(f"generation on {result['machine']['platform']}, BLAS {result['blas_gflops']} GFLOP/s")
+    fig.suptitle(
+        f"generation on {result['machine']['platform']}, BLAS {result['blas_gflops']} GFLOP/s"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -191,7 +202,9 @@ def main() -> None:
     result["quantization_model"] = args.quant_model
     result["quantization"] = quant_table(args.quant_model, 256, 16)
     by_quant = {r["quant"]: r for r in result["quantization"]}
-    result["nvfp4_ppl_ratio"] = round(by_quant["nvfp4"]["perplexity"] / by_quant["none"]["perplexity"], 4)
+    result["nvfp4_ppl_ratio"] = round(
+        by_quant["nvfp4"]["perplexity"] / by_quant["none"]["perplexity"], 4
+    )
     result["goals"] = {
         "prefill_ratio>=0.95": result["prefill_ratio"] >= 0.95,
         "decode_ratio>=0.95": result["decode_ratio"] >= 0.95,

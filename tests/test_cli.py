@@ -108,11 +108,11 @@ def test_embedded_default_model_answers_end_to_end(home: Path) -> None:
 def test_embedded_gemma_completes_text(home: Path) -> None:
     out = run(
         "generate",
-        "The capital of France is",
+        "Question: What is the capital of France?\nAnswer:",
         "--model",
         "gemma3-270m",
         "--max-tokens",
-        "8",
+        "4",
         "--json",
     )
     assert out.returncode == 0, out.stderr
