@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ragcache.embedded_models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ragcache.model_prepare import QUANT_MODES, is_complete, prepare_model, prepared_path
+from ragcache.order import ORDERS
 from ragcache.settings import Settings
 
 
@@ -15,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="prepare and list the embedded models")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     prep = model_sub.add_parser(
-        "prepare", help="convert an embedded GGUF to an MLX folder (once; later runs return at once)"
+        "prepare",
+        help="convert an embedded GGUF to an MLX folder (once; later runs return at once)",
     )
     prep.add_argument("name", nargs="?", default=None, help=f"default: {DEFAULT_MODEL}")
     prep.add_argument("--all", action="store_true", help="prepare every embedded model")
@@ -41,6 +44,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(func=cmd_generate)
+
+    ask = sub.add_parser("ask", help="answer a question from the store, with cited sources")
+    ask.add_argument("question", help="the question; '-' reads it from standard input")
+    ask.add_argument("--db", type=Path, default=None, help="LanceDB folder (default: HOME/db)")
+    ask.add_argument("--table", default="chunks")
+    ask.add_argument("--k", type=int, default=None, help="chunks to retrieve (default 5)")
+    ask.add_argument("--order", choices=list(ORDERS), default="cache")
+    ask.add_argument(
+        "--where", default=None, help="SQL filter on chunk columns, e.g. \"source LIKE '%%faq%%'\""
+    )
+    ask.add_argument("--model", default=None)
+    ask.add_argument("--max-tokens", type=int, default=None)
+    ask.add_argument("--no-cache", action="store_true", help="compute every prompt from scratch")
+    ask.add_argument(
+        "--interactive",
+        "-i",
+        action="store_true",
+        help="then read follow-up questions from standard input, one per line",
+    )
+    ask.add_argument("--json", action="store_true", help="one JSON object per answer")
+    ask.set_defaults(func=cmd_ask)
 
 
 def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
@@ -77,7 +101,9 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     gen = settings.generation
-    loaded = load_model(args.model or settings.model.name, settings.home, args.quant or settings.model.quant)
+    loaded = load_model(
+        args.model or settings.model.name, settings.home, args.quant or settings.model.quant
+    )
     if loaded.chat and not args.raw:
         messages = ([Message("system", (args.system,))] if args.system else []) + [
             Message("user", (text,))
@@ -108,3 +134,57 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         elif not args.json:
             print(event.text, end="", flush=True)
     return 0
+
+
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    from ragcache.answer import AnswerDone, Conversation, SourcesEvent
+    from ragcache.sampling import SamplingParams
+    from ragcache.stack import StackOptions, build_stack
+
+    question = sys.stdin.readline().strip() if args.question == "-" else args.question
+    stack = build_stack(
+        settings,
+        StackOptions(db_dir=args.db, table=args.table, model=args.model, cache=not args.no_cache),
+    )
+    conversation = Conversation()
+    params = SamplingParams(max_tokens=args.max_tokens or settings.generation.max_tokens)
+    try:
+        while question:
+            for event in stack.answerer.ask(
+                question, args.k, args.order, params, args.where, conversation
+            ):
+                if isinstance(event, SourcesEvent) or args.json:
+                    if isinstance(event, AnswerDone) and args.json:
+                        print(json.dumps(_answer_json(question, event)), flush=True)
+                    continue
+                if isinstance(event, AnswerDone):
+                    print("\n")
+                    for s in event.sources:
+                        mark = "*" if s in event.citations else " "
+                        where = " > ".join(s.heading_path)
+                        print(
+                            f"{mark}[{s.number}] {s.source}{' > ' + where if where else ''}  ({s.chunk_id})"
+                        )
+                    f = event.figures
+                    print(
+                        f"[retrieval {f.retrieval_ms:.0f} ms, prompt {f.prompt_tokens} tokens "
+                        f"({f.cached_tokens} cached, {f.recomputed_tokens} computed), ttft "
+                        f"{f.ttft_s:.2f} s, {f.decode_tps:.1f} tok/s]",
+                        file=sys.stderr,
+                    )
+                else:
+                    print(event.text, end="", flush=True)
+            question = sys.stdin.readline().strip() if args.interactive else ""
+    finally:
+        stack.close()
+    return 0
+
+
+def _answer_json(question: str, done) -> dict:
+    return {
+        "question": question,
+        "answer": done.text,
+        "citations": [s.number for s in done.citations],
+        "sources": [s.as_dict() for s in done.sources],
+        "figures": done.figures.__dict__,
+    }

@@ -1,0 +1,161 @@
+"""Assemble a RAG prompt from segments: `[system][chunk 1]...[chunk k][question]`.
+
+Chunks enter as token ids (stored at ingest time), each wrapped in a numbered source marker that is
+tokenized on its own, so a chunk at a given position has the same tokens in every prompt. Two
+templates: the model's chat template for instruct models, and a completion template with a worked
+example for base models (Gemma 3 270M base answers in the right shape only when shown one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from ragcache.segments import SegmentedPrompt, encode_segments
+
+SYSTEM_INSTRUCTIONS = (
+    "You answer questions using only the numbered sources given. Be brief. After each fact, "
+    "cite its source number in brackets, like [1]. If the sources do not answer the question, "
+    "say you do not know."
+)
+
+# A worked example for base models: the answer format is learnt from it, not from instructions.
+BASE_EXAMPLE = (
+    f"{SYSTEM_INSTRUCTIONS}\n\n"
+    "Sources:\n"
+    "[1] Tea (Beverages)\nGreen tea is made from leaves that are not oxidised; black tea is "
+    "fully oxidised.\n"
+    "Question: How is black tea different from green tea?\n"
+    "Answer: Black tea is fully oxidised, green tea is not [1].\n\n"
+    "Sources:\n"
+)
+
+_SENTINEL = "\x1fRAGCACHE{}\x1f"
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    """A retrieved chunk as the prompt needs it."""
+
+    chunk_id: str
+    title: str
+    heading: str
+    token_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier exchange of the conversation: its question and the answer's token ids."""
+
+    question: str
+    answer_tokens: Sequence[int]
+
+
+@dataclass(frozen=True)
+class ChatFrame:
+    """Template text around message contents, learnt once per tokenizer by rendering sentinels.
+
+    `glue[i]` stands before message i's content; `glue[-1]` after the last one (it includes the
+    generation prompt). Lets the prompt be assembled from token-id segments without re-rendering.
+    """
+
+    glue: tuple[str, ...]
+
+
+def chat_frame(tokenizer: Any, roles: tuple[str, ...]) -> ChatFrame:
+    """Render `roles` with sentinel contents and cut the result at the sentinels."""
+    return _chat_frame(tokenizer, roles)
+
+
+@lru_cache(maxsize=64)
+def _chat_frame(tokenizer: Any, roles: tuple[str, ...]) -> ChatFrame:
+    messages = [{"role": r, "content": _SENTINEL.format(i)} for i, r in enumerate(roles)]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    glue = []
+    cursor = 0
+    for i in range(len(roles)):
+        at = rendered.find(_SENTINEL.format(i), cursor)
+        if at < 0:
+            raise ValueError("the chat template rewrites message content; cannot frame it")
+        glue.append(rendered[cursor:at])
+        cursor = at + len(_SENTINEL.format(i))
+    glue.append(rendered[cursor:])
+    return ChatFrame(tuple(glue))
+
+
+def marker(position: int, chunk: SourceChunk) -> str:
+    title = chunk.title + (f" > {chunk.heading}" if chunk.heading else "")
+    return f"[{position + 1}] {title}\n"
+
+
+def chunk_segment(tokenizer: Any, position: int, chunk: SourceChunk) -> list[int]:
+    """The tokens chunk `chunk` has at `position`: its marker, its stored ids, a line break."""
+    head = tokenizer.encode(marker(position, chunk), add_special_tokens=False)
+    tail = tokenizer.encode("\n", add_special_tokens=False)
+    return [*head, *chunk.token_ids, *tail]
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """Builds prompts for one model: chat template when it has one, completion otherwise."""
+
+    tokenizer: Any
+    chat: bool
+    system: str = SYSTEM_INSTRUCTIONS
+
+    def system_segment(self) -> str:
+        if not self.chat:
+            return BASE_EXAMPLE
+        glue = chat_frame(self.tokenizer, ("system", "user")).glue
+        return glue[0] + self.system + glue[1] + "Sources:\n"
+
+    def question_segment(self, question: str) -> str:
+        if not self.chat:
+            return f"Question: {question}\nAnswer:"
+        glue = chat_frame(self.tokenizer, ("system", "user")).glue
+        return f"Question: {question}" + glue[2]
+
+    def segment_tokens(self, position: int, chunk: SourceChunk) -> list[int]:
+        return chunk_segment(self.tokenizer, position, chunk)
+
+    def build(
+        self,
+        chunks: Sequence[SourceChunk],
+        question: str,
+        history: Sequence[Turn] = (),
+        history_chunks: Sequence[Sequence[SourceChunk]] = (),
+    ) -> SegmentedPrompt:
+        """The prompt for `question` over `chunks`, after earlier turns of the same conversation.
+
+        A follow-up keeps every earlier segment exactly (so the conversation's cached path is
+        reused) and appends the earlier answers, the new chunks and the new question.
+        """
+        segments: list[str | list[int]] = [self.system_segment()]
+        kinds = ["system"]
+        position = 0
+        turns = [*zip(history_chunks, history, strict=True), (chunks, None)]
+        for turn_chunks, turn in turns:
+            for chunk in turn_chunks:
+                segments.append(self.segment_tokens(position, chunk))
+                kinds.append("chunk")
+                position += 1
+            if turn is None:
+                segments.append(self.question_segment(question))
+                kinds.append("question")
+            else:
+                segments.append(self.question_segment(turn.question))
+                kinds.append("question")
+                segments.append(list(turn.answer_tokens))
+                kinds.append("answer")
+                segments.append(self.follow_up_glue())
+                kinds.append("template")
+        return encode_segments(self.tokenizer, segments, kinds)
+
+    def follow_up_glue(self) -> str:
+        """Text between an answer and the next turn's sources."""
+        if not self.chat:
+            return "\n\nSources:\n"
+        glue = chat_frame(self.tokenizer, ("system", "user", "assistant", "user")).glue
+        return glue[3] + "Sources:\n"

@@ -1,0 +1,73 @@
+"""Retrieval: embed the question, search the store (vector, full text or hybrid), top-k."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ragcache.embedder import Embedder
+from ragcache.errors import ConfigError, InvalidRequestError
+from ragcache.store import ChunkStore, SearchHit
+
+SEARCH_MODES = ("hybrid", "vector", "fts")
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    k: int = 5
+    max_k: int = 50
+    mode: str = "hybrid"  # reciprocal rank fusion of vector and full-text results
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    hits: list[SearchHit]
+    retrieval_ms: float
+
+
+class Retriever:
+    """Finds the chunks for a question. Read-only; safe to share across threads."""
+
+    def __init__(
+        self, store: ChunkStore, embedder: Embedder, settings: RetrievalSettings | None = None
+    ) -> None:
+        """Raises ConfigError when the store was made with another embedder (dimension or id)."""
+        self.store = store
+        self.embedder = embedder
+        self.settings = settings or RetrievalSettings()
+        if store.dim != embedder.dim:
+            raise ConfigError(
+                f"the store holds {store.dim}-dimensional vectors but the embedder makes "
+                f"{embedder.dim}: it was built with another embedder",
+                hint="re-ingest into a new --db folder, or use the embedder the store was built with",
+            )
+        if self.settings.mode not in SEARCH_MODES:
+            raise ConfigError(
+                f"unknown search mode {self.settings.mode!r}", hint=", ".join(SEARCH_MODES)
+            )
+
+    def retrieve(self, question: str, k: int | None = None, where: str | None = None) -> Retrieval:
+        """Top-k chunks for `question`, best first.
+
+        Raises InvalidRequestError on an empty question, k out of range, or an empty store.
+        """
+        if not question or not question.strip():
+            raise InvalidRequestError("the question is empty", hint="ask something")
+        k = self.settings.k if k is None else k
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidRequestError(f"k must be between 1 and {self.settings.max_k}, got {k}")
+        if self.store.count() == 0:
+            raise InvalidRequestError(
+                "the store is empty", hint="ingest documents first: ragcache ingest PATH"
+            )
+        start = time.perf_counter()
+        mode = self.settings.mode
+        if mode == "fts":
+            hits = self.store.search_text(question, k, where)
+        else:
+            vector = self.embedder.embed_query(question)
+            if mode == "vector":
+                hits = self.store.search_vector(vector, k, where)
+            else:
+                hits = self.store.search_hybrid(question, vector, k, where)
+        return Retrieval(hits, (time.perf_counter() - start) * 1000)

@@ -1,0 +1,75 @@
+"""Build the answering stack once: model -> prefix cache -> engine, store -> retriever -> answerer.
+
+The CLI, the HTTP service and batch jobs all start here, so each gets the same wiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragcache.answer import Answerer, AnswerSettings
+from ragcache.cache import CacheSettings, PrefixCache
+from ragcache.embedder import EmbedderSettings, SentenceTransformerEmbedder
+from ragcache.engine import Engine
+from ragcache.model_loader import LoadedModel, load_model
+from ragcache.retrieve import RetrievalSettings, Retriever
+from ragcache.settings import Settings
+from ragcache.store import ChunkStore, StoreSettings, open_store
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    db_dir: Path | None = None  # default: settings.home / "db"
+    table: str = "chunks"
+    model: str | None = None  # default: settings.model.name
+    cache: bool = True
+    # Where the KV cache spills and persists; default settings.home / "kv". None with
+    # cache_dir_off=True keeps the cache in RAM only.
+    cache_dir: Path | None = None
+    cache_dir_off: bool = False
+    cache_settings: CacheSettings = field(default_factory=CacheSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    answer: AnswerSettings = field(default_factory=AnswerSettings)
+    embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
+
+
+@dataclass
+class Stack:
+    loaded: LoadedModel
+    cache: PrefixCache | None
+    engine: Engine
+    store: ChunkStore
+    retriever: Retriever
+    answerer: Answerer
+
+    def close(self) -> None:
+        """Persist the cache's disk tier so the next process starts warm."""
+        if self.cache is not None:
+            self.cache.flush()
+
+
+def build_cache(
+    loaded: LoadedModel, settings: Settings, options: StackOptions
+) -> PrefixCache | None:
+    if not options.cache:
+        return None
+    cache_settings = options.cache_settings
+    if not options.cache_dir_off and cache_settings.disk_dir is None:
+        from dataclasses import replace
+
+        cache_settings = replace(cache_settings, disk_dir=options.cache_dir or settings.home / "kv")
+    return PrefixCache(loaded, cache_settings)
+
+
+def build_stack(settings: Settings, options: StackOptions | None = None) -> Stack:
+    """Load everything a question needs. Raises the errors of each part (model, store, ...)."""
+    options = options or StackOptions()
+    store = open_store(options.db_dir or settings.home / "db", StoreSettings(table=options.table))
+    embedder = SentenceTransformerEmbedder(options.embedder)
+    retriever = Retriever(store, embedder, options.retrieval)
+    loaded = load_model(options.model or settings.model.name, settings.home, settings.model.quant)
+    cache = build_cache(loaded, settings, options)
+    engine = Engine(loaded, settings.generation, cache)
+    answerer = Answerer(engine, retriever, options.answer)
+    return Stack(loaded, cache, engine, store, retriever, answerer)
