@@ -19,6 +19,7 @@ from ragcache.order import ORDERS, RankedChunk, order_chunks
 from ragcache.rag_prompt import PromptBuilder, SourceChunk, Turn
 from ragcache.retrieve import Retriever
 from ragcache.sampling import SamplingParams
+from ragcache.segments import SegmentedPrompt
 from ragcache.store import SearchHit, tokenizer_identity
 
 _CITATION = re.compile(r"\[(\d{1,2})\]")
@@ -89,6 +90,20 @@ class AnswerDone:
 AnswerEvent = SourcesEvent | TextDelta | AnswerDone
 
 
+@dataclass(frozen=True)
+class PreparedQuestion:
+    """A question ready for generation: its prompt, and what the answer record needs."""
+
+    question: str
+    order: str
+    prompt: SegmentedPrompt
+    sources: list[Source]
+    chunks: list[SourceChunk]
+    conversation: Conversation
+    retrieval_ms: float
+    order_ms: float
+
+
 def cited(text: str, sources: Sequence[Source]) -> list[Source]:
     by_number = {s.number: s for s in sources}
     out: list[Source] = []
@@ -120,18 +135,18 @@ class Answerer:
         heading = " > ".join(hit.heading_path)
         return SourceChunk(hit.chunk_id, hit.title or hit.source, heading, ids)
 
-    def ask(
+    def prepare(
         self,
         question: str,
         k: int | None = None,
         order: str | None = None,
-        params: SamplingParams | None = None,
         where: str | None = None,
         conversation: Conversation | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[AnswerEvent]:
-        """Stream the answer to `question`. Raises InvalidRequestError / PromptTooLongError first."""
-        start = time.perf_counter()
+    ) -> PreparedQuestion:
+        """Retrieve, order and assemble; no generation. Thread-safe besides the conversation.
+
+        Raises InvalidRequestError (empty question, k, order, empty store), PromptTooLongError.
+        """
         order = order or self.settings.order
         if order not in ORDERS:
             raise InvalidRequestError(
@@ -145,16 +160,10 @@ class Answerer:
         chunks = {h.chunk_id: self._source_chunk(h) for h in hits}
 
         t_order = time.perf_counter()
-        history_prompt = self.builder.build([], "", conversation.turns, conversation.turn_chunks)
+        history = self.builder.build([], "", conversation.turns, conversation.turn_chunks)
         # Everything before this turn's chunks is fixed; the ordering walks on from there.
-        fixed = (
-            history_prompt.tokens[: history_prompt.boundaries[-2]]
-            if len(history_prompt.boundaries) > 1
-            else history_prompt.tokens
-        )
+        fixed = history.tokens[: history.boundaries[-2]] if len(history.boundaries) > 1 else []
         offset = sum(len(t) for t in conversation.turn_chunks)
-        cache = self.engine.cache
-        root = getattr(getattr(cache, "tree", None), "root", None)
         segments: dict[tuple[int, str], list[int]] = {}
 
         def segment_at(pos: int, cid: str) -> list[int]:
@@ -162,6 +171,7 @@ class Answerer:
                 segments[pos, cid] = self.builder.segment_tokens(offset + pos, chunks[cid])
             return segments[pos, cid]
 
+        root = getattr(getattr(self.engine.cache, "tree", None), "root", None)
         ordering = order_chunks(
             [RankedChunk(h.chunk_id, h.score) for h in hits],
             order,
@@ -173,36 +183,46 @@ class Answerer:
         ordered = [chunks[c] for c in ordering.chunk_ids]
         order_ms = (time.perf_counter() - t_order) * 1000
         prompt = self.builder.build(ordered, question, conversation.turns, conversation.turn_chunks)
-
-        sources = [
-            Source(
-                offset + i + 1,
-                c.chunk_id,
-                by_id[c.chunk_id].doc_id,
-                by_id[c.chunk_id].source,
-                by_id[c.chunk_id].title,
-                by_id[c.chunk_id].heading_path,
-                by_id[c.chunk_id].position,
-                by_id[c.chunk_id].score,
+        self.engine.check_fits(len(prompt.tokens))
+        sources = []
+        for i, c in enumerate(ordered):
+            h = by_id[c.chunk_id]
+            sources.append(
+                Source(
+                    offset + i + 1,
+                    c.chunk_id,
+                    h.doc_id,
+                    h.source,
+                    h.title,
+                    h.heading_path,
+                    h.position,
+                    h.score,
+                )
             )
-            for i, c in enumerate(ordered)
-        ]
-        yield SourcesEvent(sources, order)
-        completion: Completion | None = None
-        for event in self.engine.stream(prompt, params, cancel):
-            if isinstance(event, Completion):
-                completion = event
-            else:
-                yield event
-        assert completion is not None
-        all_sources = conversation.sources + sources
-        conversation.turns.append(Turn(question, completion.tokens))
-        conversation.turn_chunks.append(ordered)
-        conversation.sources.extend(sources)
+        return PreparedQuestion(
+            question,
+            order,
+            prompt,
+            sources,
+            ordered,
+            conversation,
+            retrieval.retrieval_ms,
+            order_ms,
+        )
+
+    def complete(
+        self, prepared: PreparedQuestion, completion: Completion, started: float
+    ) -> AnswerDone:
+        """Record the turn in the conversation and build the final answer record."""
+        conversation = prepared.conversation
+        all_sources = conversation.sources + prepared.sources
+        conversation.turns.append(Turn(prepared.question, completion.tokens))
+        conversation.turn_chunks.append(prepared.chunks)
+        conversation.sources.extend(prepared.sources)
         s = completion.stats
         figures = Figures(
-            retrieval_ms=round(retrieval.retrieval_ms, 2),
-            order_ms=round(order_ms, 3),
+            retrieval_ms=round(prepared.retrieval_ms, 2),
+            order_ms=round(prepared.order_ms, 3),
             prompt_tokens=s.prompt_tokens,
             cached_tokens=s.cached_tokens,
             recomputed_tokens=s.recomputed_tokens,
@@ -210,9 +230,39 @@ class Answerer:
             ttft_s=round(s.ttft_s, 4),
             prefill_tps=round(s.prefill_tps, 1),
             decode_tps=round(s.decode_tps, 2),
-            total_s=round(time.perf_counter() - start, 3),
+            total_s=round(time.perf_counter() - started, 3),
             finish_reason=s.finish_reason,
         )
-        yield AnswerDone(
-            completion.text, cited(completion.text, all_sources), sources, figures, completion
+        return AnswerDone(
+            completion.text,
+            cited(completion.text, all_sources),
+            prepared.sources,
+            figures,
+            completion,
         )
+
+    def ask(
+        self,
+        question: str,
+        k: int | None = None,
+        order: str | None = None,
+        params: SamplingParams | None = None,
+        where: str | None = None,
+        conversation: Conversation | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[AnswerEvent]:
+        """Stream the answer to `question` with this thread running the engine.
+
+        Raises what `prepare` raises before yielding anything.
+        """
+        started = time.perf_counter()
+        prepared = self.prepare(question, k, order, where, conversation)
+        yield SourcesEvent(prepared.sources, prepared.order)
+        completion: Completion | None = None
+        for event in self.engine.stream(prepared.prompt, params, cancel):
+            if isinstance(event, Completion):
+                completion = event
+            else:
+                yield event
+        assert completion is not None
+        yield self.complete(prepared, completion, started)

@@ -8,6 +8,7 @@ cache's capture positions to snapshot state there.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -158,16 +159,24 @@ class Engine:
         start = session.start if session else 0
         try:
             position = self._prefill(tokens, start, prompt_cache, session, cancel)
+            cancelled = cancel is not None and cancel.is_set()
+            if not cancelled:
+                # The last piece of the prompt gives the first token's logits.
+                sampler = make_sampler(params.temperature, params.top_p)
+                logits = self._last_logits(mx.array(tokens[position:])[None], prompt_cache)
+                first = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+                mx.eval(first)
         except BaseException:
             if session:
                 session.abort()
             raise
-        if position < len(tokens) - 1:  # cancelled during prefill
+        if cancelled:
             if session:
                 session.finish(tokens[:position])
             stats = self._stats(tokens, start, [], timer, timer.since(), 0.0, "cancelled")
             yield Completion("", [], stats, session.lookup if session else None)
             return
+        ttft_s = prefill_s = timer.since()
 
         generated: list[int] = []
         seen: list[int] = []  # every token fed back to the model, eos included
@@ -176,20 +185,23 @@ class Engine:
         detok = self.loaded.tokenizer.detokenizer
         detok.reset()
         eos = self.loaded.eos_token_ids
-        sampler = make_sampler(params.temperature, params.top_p)
-        prefill_s = ttft_s = 0.0
         finish_reason = "length"
-        steps = generate_step(
-            mx.array(tokens[-1:]),
-            self.loaded.model,
-            prompt_cache=prompt_cache,
-            sampler=sampler,
-            max_tokens=max_tokens,
-        )
+
+        def tokens_out() -> Iterator[int]:
+            yield int(first.item())
+            if max_tokens > 1:
+                steps = generate_step(
+                    first.reshape(1),
+                    self.loaded.model,
+                    prompt_cache=prompt_cache,
+                    sampler=sampler,
+                    max_tokens=max_tokens - 1,
+                )
+                for token, _logprobs in steps:
+                    yield token
+
         try:
-            for token, _logprobs in steps:
-                if not seen:
-                    ttft_s = prefill_s = timer.since()
+            for token in tokens_out():
                 seen.append(token)
                 if token in eos:
                     finish_reason = "stop"
@@ -237,26 +249,65 @@ class Engine:
         session: CacheSessionLike | None,
         cancel: threading.Event | None,
     ) -> int:
-        """Feed tokens[start:-1] in bounded steps, pausing at capture positions; return the end."""
-        end = len(tokens) - 1
-        stops = sorted(
-            {p for p in (session.capture_positions if session else []) if start < p <= end}
-        )
+        """Run `prefill_steps` to the end; return where the final piece starts."""
+        position = start
+        for position in self.prefill_steps(tokens, start, prompt_cache, session):  # noqa: B007
+            if cancel is not None and cancel.is_set():
+                break
+        return position
+
+    def prefill_steps(
+        self,
+        tokens: Sequence[int],
+        start: int,
+        prompt_cache: list[Any],
+        session: CacheSessionLike | None,
+    ) -> Iterator[int]:
+        """Feed the prompt in bounded steps, pausing at capture positions; yield each position.
+
+        Yields `start` first, then the position after each step. Stops before the final piece:
+        at most one step long and past every capture position, it is left for the caller to
+        compute with logits (`_last_logits`, or the batch generator). A caller may stop
+        iterating between steps (cancellation, or to interleave other work).
+        """
+        n = len(tokens)
+        stops = sorted({p for p in (session.capture_positions if session else []) if start < p < n})
         position = start
         step = max(1, self.settings.prefill_step_size)
-        while position < end:
-            if cancel is not None and cancel.is_set():
-                return position
-            target = min(position + step, end)
+        yield position
+        while True:
+            target = min(position + step, n)
             if stops and stops[0] <= target:
                 target = stops.pop(0)
-            self.loaded.model(mx.array(tokens[position:target])[None], cache=prompt_cache)
+            if target == n:
+                return
+            self._forward(mx.array(tokens[position:target])[None], cache=prompt_cache)
             mx.eval([c.state for c in prompt_cache])
             position = target
             if session and position in session.capture_positions:
                 session.capture(position)
             mx.clear_cache()
-        return position
+            yield position
+
+    def _last_logits(self, x: mx.array, cache: list[Any]) -> mx.array:
+        """Logits (1, vocab) after the last token of `x`, with the output layer on that row only."""
+        model = self.loaded.model
+        inner, head = _inner_transformer(model), _output_head(model)
+        if inner is not None and head is not None:
+            return head(inner(x, cache=cache)[:, -1:, :])[:, -1, :]
+        return model(x, cache=cache)[:, -1, :]
+
+    def _forward(self, x: mx.array, cache: list[Any]) -> None:
+        """Run the model over prefill tokens for their KV only.
+
+        The output layer is skipped where the model exposes its inner transformer: nobody reads
+        prefill logits, and Gemma 3's 262k-word output layer is most of its prefill FLOPs.
+        """
+        inner = _inner_transformer(self.loaded.model)
+        if inner is not None:
+            inner(x, cache=cache)
+        else:
+            self.loaded.model(x, cache=cache)
 
     def _stats(
         self,
@@ -279,6 +330,45 @@ class Engine:
             peak_memory_bytes=int(mx.get_peak_memory()),
             finish_reason=finish_reason,
         )
+
+
+def _inner_transformer(model: Any) -> Any:
+    """mlx-lm models wrap a `model` that maps tokens to hidden states and takes `cache`."""
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        return None
+    try:
+        params = inspect.signature(inner.__call__).parameters
+    except (TypeError, ValueError):
+        return None
+    return inner if "cache" in params else None
+
+
+# Model types whose logits are exactly the output layer applied to the inner model's hidden
+# states (no soft-capping or scaling), so the layer may run on the last row alone.
+_PLAIN_HEAD_TYPES = {
+    "llama",
+    "gemma3_text",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "olmo2",
+    "smollm3",
+}
+
+
+def _output_head(model: Any) -> Any:
+    if getattr(model, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    args = getattr(model, "args", None)
+    tied = getattr(model, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(args, "tie_word_embeddings", False)
+    if not tied and hasattr(model, "lm_head"):
+        return model.lm_head
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return embed.as_linear if embed is not None and hasattr(embed, "as_linear") else None
 
 
 def _cache_offset(prompt_cache: list[Any]) -> int:

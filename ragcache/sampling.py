@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ragcache.errors import InvalidRequestError
 
@@ -62,3 +63,26 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def make_request_sampler(params: SamplingParams) -> Callable[[Any], Any]:
+    """A sampler that owns its randomness when the request has a seed.
+
+    In a batch, requests share the global random state, so a seed set globally would not make
+    one request reproducible; a per-request key does (split once per token).
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+    if params.temperature == 0 or params.seed is None:
+        return make_sampler(params.temperature, params.top_p)
+    key = mx.random.key(params.seed)
+
+    def sample(logprobs: Any) -> Any:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if params.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, params.top_p)
+        return mx.random.categorical(logprobs * (1 / params.temperature), key=sub)
+
+    return sample

@@ -1,0 +1,356 @@
+"""The prefix cache of one loaded model: restore the deepest cached prefix, capture the rest.
+
+`PrefixCache.begin` matches a prompt against the tree, restores a fresh mlx-lm cache to the deepest
+position every layer can resume from (anywhere for span layers; a checkpoint when the model has
+snapshot layers), pins that path and returns a `CacheSession`. The engine prefills the rest, pausing
+at `capture_positions` to call `capture`, and ends with `finish` (store) or `abort` (don't).
+All public methods take one lock, so a server may call them from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from ragcache.cache.disk import DiskTier, path_key
+from ragcache.cache.layers import Codec, LayerKind, evaluate, layer_kind, n_bytes
+from ragcache.cache.session import CacheSession, capture_positions
+from ragcache.cache.settings import CacheSettings
+from ragcache.cache.stats import CacheStats, LookupStats
+from ragcache.cache.tree import Node, RadixTree
+from ragcache.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class _LayerOps:
+    """PayloadOps for the tree: a payload is one entry per layer (None where the kind keeps none)."""
+
+    def __init__(self, kinds: Sequence[LayerKind]) -> None:
+        self.kinds = kinds
+
+    def n_bytes(self, payload: Any) -> int:
+        return n_bytes(payload)
+
+    def split(self, payload: Any, at: int) -> tuple[Any, Any]:
+        pairs = [
+            k.split(p, at) if p is not None else (None, None)
+            for k, p in zip(self.kinds, payload, strict=True)
+        ]
+        upper, lower = tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+        evaluate((upper, lower))
+        return upper, lower
+
+
+class PrefixCache:
+    """One tree of KV spans and checkpoints per loaded model, shared by every request."""
+
+    def __init__(self, loaded: LoadedModel, settings: CacheSettings | None = None) -> None:
+        """Probe the model's layer kinds; rebuild the disk tier's index if one is configured.
+
+        Raises ConfigError on invalid settings. An unusable budget or an unsupported layer kind
+        turns caching off with a warning (generation still works, from scratch).
+        """
+        self.loaded = loaded
+        self.settings = settings = (settings or CacheSettings()).validate()
+        self._lock = threading.RLock()
+        self.lookups = self.hits = self.hit_tokens = self.prompt_tokens = self.invalidated = 0
+        self.prefill_tps = 0.0  # measured between captures; 0 until known
+        codec = Codec(settings.kv_bits, settings.kv_group_size)
+        probe = make_prompt_cache(loaded.model)
+        kinds = [layer_kind(c, codec) for c in probe]
+        self.kinds: list[LayerKind] = [k for k in kinds if k is not None]
+        self.snapshots = any(not k.spans for k in self.kinds)
+        self.min_node_bytes = self._smallest_node_bytes(probe) if None not in kinds else 0
+        self.enabled = settings.enabled and self._usable(kinds)
+        self.disk: DiskTier | None = None
+        if self.enabled and settings.disk_dir is not None:
+            disk = DiskTier(settings.disk_dir, loaded.identity, settings.disk_bytes)
+            self.disk = disk if disk.enabled else None
+        self.tree = RadixTree(
+            _LayerOps(self.kinds), settings.cache_bytes, settings.policy, self.disk
+        )
+        if self.disk is not None:
+            self._rebuild_from_disk(self.disk)
+
+    def _usable(self, kinds: Sequence[LayerKind | None]) -> bool:
+        if None in kinds:
+            names = sorted(
+                {
+                    type(c).__name__
+                    for c, k in zip(make_prompt_cache(self.loaded.model), kinds, strict=True)
+                    if k is None
+                }
+            )
+            log.warning("prefix cache off: no adapter for layer cache kind(s) %s", ", ".join(names))
+            return False
+        if self.settings.cache_bytes < max(1, self.min_node_bytes):
+            log.warning(
+                "prefix cache off: cache_bytes=%d is below the smallest node (%d bytes); "
+                "generation works without reuse",
+                self.settings.cache_bytes,
+                self.min_node_bytes,
+            )
+            return False
+        return True
+
+    def _smallest_node_bytes(self, probe: list[Any]) -> int:
+        # One real token through the model: the bytes one token's span and checkpoint would take.
+        self.loaded.model(mx.array([[0]]), cache=probe)
+        data = [
+            (k.take_span(c, 0, 1), k.take_snapshot(c))
+            for k, c in zip(self.kinds, probe, strict=True)
+        ]
+        evaluate(data)
+        return n_bytes(data)
+
+    def _rebuild_from_disk(self, disk: DiskTier) -> None:
+        by_key: dict[str, Node] = {}
+        for entry in disk.index():
+            parent = self.tree.root if entry.parent is None else by_key.get(entry.parent)
+            node = None
+            if parent is not None and parent.end == entry.start:
+                node = self.tree.add_lower_node(
+                    parent, entry.tokens, entry.n_bytes, entry.has_checkpoint, entry.key
+                )
+            if node is None:  # its parent is gone: unreachable, so delete it
+                disk.delete(Node(entry.tokens, entry.start, None, disk_ref=entry.key))
+                continue
+            by_key[entry.key] = node
+        if by_key:
+            log.info("KV disk tier: %d nodes from %s", len(by_key), disk.folder)
+        disk.save_index()
+
+    # -- lookup -------------------------------------------------------------------------------
+    def begin(self, tokens: Sequence[int], boundaries: Sequence[int] = ()) -> CacheSession:
+        """Restore the deepest prefix of `tokens` every layer can resume from; pin its path.
+
+        The session's `prompt_cache` is a fresh list of mlx-lm caches covering tokens[:start], with
+        start <= len(tokens) - 1. Disk nodes are read back only when predicted faster than
+        recomputing them. Never raises for a cache problem: the worst case is start = 0.
+        """
+        tokens = list(tokens)
+        with self._lock:
+            if not self.enabled or len(tokens) < 2:
+                return self._cold(tokens, boundaries)
+            restored = None
+            for _ in range(4):  # a corrupt disk file drops nodes: match again without them
+                restored = self._restore(tokens)
+                if restored is not None:
+                    break
+            if restored is None:
+                return self._cold(tokens, boundaries)
+            prompt_cache, start, used, lookup = restored
+            if used is not None:
+                self.tree.pin(used)
+                self.tree.touch(used.path())
+            self._count(lookup)
+            positions = self._capture_positions(tokens, start, boundaries)
+            self._save_index()
+            return CacheSession(self, tokens, prompt_cache, start, positions, used, lookup)
+
+    def _cold(self, tokens: list[int], boundaries: Sequence[int]) -> CacheSession:
+        n = len(tokens)
+        lookup = LookupStats(n, 0, 0, 0, 0, None, n)
+        if self.enabled:
+            self._count(lookup)
+        positions = self._capture_positions(tokens, 0, boundaries) if self.enabled else []
+        return CacheSession(
+            self, tokens, make_prompt_cache(self.loaded.model), 0, positions, None, lookup
+        )
+
+    def _count(self, lookup: LookupStats) -> None:
+        self.lookups += 1
+        self.hits += lookup.start > 0
+        self.hit_tokens += lookup.start
+        self.prompt_tokens += lookup.prompt_tokens
+
+    def _resume_points(self, path: list[Node], prefix_len: int) -> list[tuple[int, int]]:
+        """(position, index of the last node needed) for every position all layers can resume at."""
+        if not self.snapshots:
+            return [(prefix_len, len(path) - 1)] if prefix_len else []
+        return [(n.end, i) for i, n in enumerate(path) if n.has_checkpoint and n.end <= prefix_len]
+
+    def _restore(self, tokens: list[int]) -> tuple[list[Any], int, Node | None, LookupStats] | None:
+        match = self.tree.match(tokens[: len(tokens) - 1])
+        path, points = match.path, self._resume_points(match.path, match.prefix_len)
+        n_ram = next((i for i, n in enumerate(path) if not n.in_ram), len(path))
+        ram_points = [p for p in points if p[1] < n_ram]
+        if not self.snapshots and n_ram < len(path):
+            ram_points = [(path[n_ram].start, n_ram - 1)] if path[n_ram].start else []
+        best_ram = max(ram_points, default=(0, -1))
+        best = max(points, default=(0, -1))
+        if best[0] > best_ram[0] and not self._disk_worth_it(
+            path[n_ram : best[1] + 1], best[0] - best_ram[0]
+        ):
+            best = best_ram
+        position, last = best
+        data: list[tuple[Any, Any]] = []
+        protect = {id(self.tree.root)} | {id(n) for n in path[: last + 1]}
+        for node in path[: last + 1]:
+            loaded = self.tree.load(node, protect)
+            if loaded is None:
+                return None  # corrupt file, node dropped: match again
+            data.append(loaded)
+        lookup = self._lookup(tokens, match.prefix_len, position, path[: last + 1], n_ram)
+        if position == 0:
+            return make_prompt_cache(self.loaded.model), 0, None, lookup
+        cut = (
+            position - path[last].start
+        )  # tokens of the last node used (a partial node: span kinds)
+        caches = []
+        for i, kind in enumerate(self.kinds):
+            spans = [payload[i] for payload, _ in data[:-1]]
+            if data[-1][0][i] is not None:
+                last_span = data[-1][0][i]
+                if cut < path[last].n_tokens:
+                    last_span = kind.split(last_span, cut)[0]
+                spans.append(last_span)
+            checkpoint = data[-1][1]
+            caches.append(kind.restore(spans, checkpoint[i] if checkpoint else None, position))
+        used = path[last] if path[last].parent is not None else None
+        return caches, position, used, lookup
+
+    def _lookup(
+        self, tokens: list[int], matched: int, position: int, used: list[Node], n_ram: int
+    ) -> LookupStats:
+        ram_tokens = min(position, used[n_ram].start) if n_ram < len(used) else position
+        return LookupStats(
+            prompt_tokens=len(tokens),
+            matched_tokens=matched,
+            start=position,
+            ram_tokens=ram_tokens,
+            disk_tokens=position - ram_tokens,
+            checkpoint_position=position if self.snapshots and position else None,
+            recomputed_tokens=len(tokens) - position,
+        )
+
+    def _disk_worth_it(self, nodes: list[Node], extra_tokens: int) -> bool:
+        # Unmeasured rates favour the disk: the first read measures it.
+        if self.disk is None or not self.disk.enabled:
+            return False
+        if not self.disk.read_bps or not self.prefill_tps:
+            return True
+        read_s = sum(n.n_bytes for n in nodes if not n.in_ram) / self.disk.read_bps
+        return read_s < extra_tokens / self.prefill_tps
+
+    def _capture_positions(
+        self, tokens: list[int], start: int, boundaries: Sequence[int]
+    ) -> list[int]:
+        have = {n.end for n in self._checkpointed_path(tokens)} if self.snapshots else set()
+        return capture_positions(
+            len(tokens), start, boundaries, self.settings.checkpoint_every_tokens, have
+        )
+
+    def _checkpointed_path(self, tokens: list[int]) -> list[Node]:
+        match = self.tree.match(tokens)
+        return [n for n in match.path if n.has_checkpoint and n.end <= match.prefix_len]
+
+    # -- store (called by CacheSession) -------------------------------------------------------
+    def store(self, session: CacheSession, tokens: Sequence[int], checkpoint: bool) -> Node | None:
+        """Insert tokens (which session.prompt_cache covers exactly) and, if asked, a checkpoint.
+
+        Copies only what the tree lacks; returns the node ending at len(tokens), or None if it did
+        not fit or the cache's length disagrees with `tokens` (then nothing is stored).
+        """
+        with self._lock:
+            p = len(tokens)
+            if not self.enabled or p == 0:
+                return None
+            offsets = {c.offset for c in session.prompt_cache if hasattr(c, "offset")}
+            if offsets != {p}:
+                log.warning("prefix cache: cache covers %s tokens, not %d; not stored", offsets, p)
+                return None
+            live = session.prompt_cache
+
+            def payload_for(a: int, b: int) -> Any:
+                data = tuple(k.take_span(c, a, b) for k, c in zip(self.kinds, live, strict=True))
+                evaluate(data)
+                return data
+
+            def checkpoint_for() -> Any:
+                data = tuple(k.take_snapshot(c) for k, c in zip(self.kinds, live, strict=True))
+                evaluate(data)
+                return data
+
+            node = self.tree.insert(
+                tokens, payload_for, checkpoint_for if checkpoint and self.snapshots else None
+            )
+            self._save_index()
+            return node
+
+    def measured_prefill(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens > 0 and seconds > 0:
+            rate = n_tokens / seconds
+            self.prefill_tps = rate if not self.prefill_tps else 0.7 * self.prefill_tps + 0.3 * rate
+
+    def unpin(self, node: Node) -> None:
+        with self._lock:
+            self.tree.unpin(node)
+
+    def pin(self, node: Node) -> None:
+        with self._lock:
+            self.tree.pin(node)
+
+    def _save_index(self) -> None:
+        if self.disk is not None:
+            self.disk.save_index()
+            if not self.disk.enabled:
+                self.tree.drop_lower_tier()
+                self.disk = None
+
+    # -- control ------------------------------------------------------------------------------
+    def invalidate(self, token_spans: Sequence[Sequence[int]]) -> int:
+        """Drop every node (both tiers) whose prefix contains one of `token_spans`; return how many."""
+        with self._lock:
+            dropped = self.tree.invalidate(token_spans)
+            self.invalidated += dropped
+            self._save_index()
+            return dropped
+
+    def clear(self) -> None:
+        """Drop every node from RAM and disk. Running sessions keep what they restored."""
+        with self._lock:
+            self.tree.clear()
+            self._save_index()
+
+    def flush(self) -> None:
+        """Copy RAM nodes down to the disk tier and write its index, so a restart starts warm."""
+        with self._lock:
+            if self.disk is not None:
+                self.tree.persist()
+                self._save_index()
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            nodes = list(self.tree.nodes())
+            return CacheStats(
+                enabled=self.enabled,
+                disk_enabled=self.disk is not None and self.disk.enabled,
+                policy=self.settings.policy,
+                budget_bytes=self.settings.cache_bytes,
+                ram_bytes=self.tree.ram_bytes,
+                ram_nodes=sum(n.in_ram for n in nodes),
+                peak_ram_bytes=self.tree.peak_ram_bytes,
+                disk_bytes=self.tree.disk_bytes,
+                disk_nodes=sum(n.on_disk for n in nodes),
+                checkpoints=sum(n.has_checkpoint for n in nodes),
+                lookups=self.lookups,
+                hits=self.hits,
+                misses=self.lookups - self.hits,
+                hit_tokens=self.hit_tokens,
+                prompt_tokens=self.prompt_tokens,
+                evictions=self.tree.evictions,
+                spills=self.tree.spills,
+                disk_reads=self.disk.reads if self.disk else 0,
+                disk_errors=self.disk.errors if self.disk else 0,
+                invalidated=self.invalidated,
+            )
+
+
+__all__ = ["PrefixCache", "path_key"]

@@ -1,0 +1,64 @@
+"""Settings of the prefix cache: one frozen dataclass with defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragcache.cache.eviction import POLICIES
+from ragcache.errors import ConfigError
+
+GIB = 1 << 30
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could hand out now (MemAvailable on Linux, physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 8 * GIB
+
+
+def default_cache_bytes() -> int:
+    # A quarter of free memory: the model, activations and the rest of the service need the rest.
+    return max(0, available_memory_bytes() // 4)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    enabled: bool = True
+    # RAM budget of stored KV and checkpoints, enforced on every insert.
+    cache_bytes: int = field(default_factory=default_cache_bytes)
+    policy: str = "pgdsf"  # a key of ragcache.cache.eviction.POLICIES
+    # A checkpoint every N tokens inside long segments, besides segment boundaries; 0: boundaries only.
+    checkpoint_every_tokens: int = 512
+    # Keep the generated continuation too, so a multi-turn chat extends its own path.
+    store_generated: bool = True
+    kv_bits: int | None = None  # None: stored as computed; 8 or 4: mx.quantize'd
+    kv_group_size: int = 64
+    disk_dir: Path | None = None  # None: no disk tier
+    disk_bytes: int = 16 * GIB
+
+    def validate(self) -> CacheSettings:
+        """Raise ConfigError on values the cache cannot use; return self."""
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"unknown cache policy {self.policy!r}", hint="one of: " + ", ".join(POLICIES)
+            )
+        if self.kv_bits not in (None, 4, 8):
+            raise ConfigError(f"kv_bits must be 4, 8 or unset, got {self.kv_bits!r}")
+        if self.kv_group_size not in (32, 64, 128):
+            raise ConfigError(f"kv_group_size must be 32, 64 or 128, got {self.kv_group_size}")
+        if self.checkpoint_every_tokens < 0:
+            raise ConfigError("checkpoint_every_tokens must be >= 0 (0: boundaries only)")
+        if self.disk_bytes < 0:
+            raise ConfigError("disk_bytes must be >= 0")
+        return self

@@ -1,0 +1,130 @@
+"""The model worker: batched decode gives each request what it gets alone; queue limits; cancel."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from ragcache.cache import CacheSettings, PrefixCache
+from ragcache.engine import Completion, Engine, TextDelta
+from ragcache.model_loader import LoadedModel
+from ragcache.sampling import SamplingParams
+from ragcache.segments import encode_segments
+from ragcache.worker import ModelWorker, QueueFullError, WorkerSettings, WorkerStoppedError
+
+TEXTS = [
+    "The cache keeps the keys and values of every prefix it has seen.",
+    "Retrieval finds the chunks of documents that answer a question.",
+    "A radix tree stores token sequences with compressed edges.",
+    "Sliding window attention keeps only the last few hundred positions.",
+]
+
+
+def result(ticket) -> Completion:
+    events = list(ticket.events(timeout=60))
+    assert isinstance(events[-1], Completion)
+    text = "".join(e.text for e in events[:-1] if isinstance(e, TextDelta))
+    assert text == events[-1].text
+    return events[-1]
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gemma"])
+def loaded(request) -> LoadedModel:
+    return request.getfixturevalue(request.param)
+
+
+def test_concurrent_requests_get_their_solo_tokens(loaded: LoadedModel) -> None:
+    prompts = [encode_segments(loaded.tokenizer, [t, " and " + t]) for t in TEXTS]
+    params = SamplingParams(max_tokens=10)
+    solo = [Engine(loaded).generate(p, params).tokens for p in prompts]
+    cache = PrefixCache(loaded, CacheSettings(cache_bytes=1 << 28))
+    worker = ModelWorker(Engine(loaded, cache=cache), WorkerSettings(max_batch=4))
+    worker.start()
+    try:
+        tickets = [worker.submit(p, params) for p in prompts]
+        done = [result(t) for t in tickets]
+        assert [d.tokens for d in done] == solo
+        assert all(d.stats.generated_tokens == 10 for d in done)
+        # The same prompts again: restored from the cache, same tokens.
+        again = [result(worker.submit(p, params)) for p in prompts]
+        assert [d.tokens for d in again] == solo
+        assert all(d.stats.cached_tokens > 0 for d in again)
+    finally:
+        worker.stop()
+
+
+def test_stop_string_and_cancel(tiny_llama: LoadedModel) -> None:
+    prompt = encode_segments(tiny_llama.tokenizer, [TEXTS[0]])
+    full = Engine(tiny_llama).generate(prompt, SamplingParams(max_tokens=12)).text
+    worker = ModelWorker(Engine(tiny_llama))
+    worker.start()
+    try:
+        stop = full[3:6]
+        done = result(worker.submit(prompt, SamplingParams(max_tokens=12, stop=(stop,))))
+        assert done.text == full[: full.index(stop)] and done.stats.finish_reason == "stop"
+        ticket = worker.submit(prompt, SamplingParams(max_tokens=400))
+        for i, _event in enumerate(ticket.events(timeout=60)):
+            if i == 2:
+                ticket.cancel()
+        assert worker.in_flight == 0
+    finally:
+        worker.stop()
+
+
+def test_full_queue_refuses_with_retry_after(tiny_llama: LoadedModel) -> None:
+    prompt = encode_segments(tiny_llama.tokenizer, [TEXTS[1]])
+    worker = ModelWorker(Engine(tiny_llama), WorkerSettings(max_queue=2, max_batch=1))
+    worker.start()
+    try:
+        held = [worker.submit(prompt, SamplingParams(max_tokens=300)) for _ in range(2)]
+        with pytest.raises(QueueFullError) as refused:
+            worker.submit(prompt, SamplingParams(max_tokens=5))
+        assert refused.value.http_status == 429 and refused.value.retry_after_s >= 1
+        for t in held:
+            t.cancel()
+        for t in held:
+            assert result(t).stats.finish_reason == "cancelled"
+    finally:
+        worker.stop()
+    with pytest.raises(WorkerStoppedError):
+        worker.submit(prompt)
+
+
+def test_async_consumer_leaving_early_cancels(tiny_llama: LoadedModel) -> None:
+    prompt = encode_segments(tiny_llama.tokenizer, [TEXTS[2]])
+    worker = ModelWorker(Engine(tiny_llama))
+    worker.start()
+    try:
+        ticket = worker.submit(prompt, SamplingParams(max_tokens=500))
+
+        async def read_two() -> None:
+            n = 0
+            async for _event in ticket.aevents():
+                n += 1
+                if n == 2:
+                    break
+
+        anyio.run(read_two)
+        assert ticket.cancelled
+        # The worker drops it at its next step.
+        for _ in range(200):
+            if worker.in_flight == 0:
+                break
+            threading.Event().wait(0.05)
+        assert worker.in_flight == 0
+    finally:
+        worker.stop()
+
+
+def test_call_runs_on_the_worker_thread(tiny_llama: LoadedModel) -> None:
+    worker = ModelWorker(Engine(tiny_llama))
+    worker.start()
+    try:
+        name = worker.call(lambda: threading.current_thread().name)
+        assert name == "ragcache-model-worker"
+        with pytest.raises(ZeroDivisionError):
+            worker.call(lambda: 1 / 0)
+    finally:
+        worker.stop()
