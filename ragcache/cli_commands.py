@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--max-tokens", type=int, default=None)
     ask.add_argument("--no-cache", action="store_true", help="compute every prompt from scratch")
     ask.add_argument(
+        "--cache-dir", type=Path, default=None, help="KV cache disk tier (default: HOME/kv)"
+    )
+    ask.add_argument(
         "--interactive",
         "-i",
         action="store_true",
@@ -144,7 +147,13 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     question = sys.stdin.readline().strip() if args.question == "-" else args.question
     stack = build_stack(
         settings,
-        StackOptions(db_dir=args.db, table=args.table, model=args.model, cache=not args.no_cache),
+        StackOptions(
+            db_dir=args.db,
+            table=args.table,
+            model=args.model,
+            cache=not args.no_cache,
+            cache_dir=args.cache_dir,
+        ),
     )
     conversation = Conversation()
     params = SamplingParams(max_tokens=args.max_tokens or settings.generation.max_tokens)

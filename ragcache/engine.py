@@ -31,6 +31,7 @@ class CacheSessionLike(Protocol):
     prompt_cache: list[Any]
     start: int
     capture_positions: list[int]
+    lookup: Any
 
     def capture(self, position: int) -> None: ...
     def finish(self, all_tokens: Sequence[int]) -> None: ...
@@ -188,7 +189,7 @@ class Engine:
         finish_reason = "length"
 
         def tokens_out() -> Iterator[int]:
-            yield int(first.item())
+            yield int(first.item())  # type: ignore[arg-type]
             if max_tokens > 1:
                 steps = generate_step(
                     first.reshape(1),
@@ -198,7 +199,7 @@ class Engine:
                     max_tokens=max_tokens - 1,
                 )
                 for token, _logprobs in steps:
-                    yield token
+                    yield int(token)
 
         try:
             for token in tokens_out():
@@ -281,7 +282,7 @@ class Engine:
                 target = stops.pop(0)
             if target == n:
                 return
-            self._forward(mx.array(tokens[position:target])[None], cache=prompt_cache)
+            self._forward(mx.array(list(tokens[position:target]))[None], cache=prompt_cache)
             mx.eval([c.state for c in prompt_cache])
             position = target
             if session and position in session.capture_positions:

@@ -82,7 +82,7 @@ def load_model(spec: str, home: Path, quant: str = "none") -> LoadedModel:
 
     target = resolve_model_path(spec, home, quant)
     try:
-        model, tokenizer, config = load(str(target), return_config=True)
+        model, tokenizer, config = load(str(target), return_config=True)  # type: ignore[misc]
     except Exception as exc:  # mlx-lm raises many kinds here: say what was tried
         raise ModelNotFoundError(
             f"could not load model {spec!r} from {target}: {exc}",

@@ -175,7 +175,7 @@ def _convert_gguf(spec: EmbeddedModel, home: Path, target: Path) -> str:
         )
         # The GGUF quantizer stays attached; without clearing it save_pretrained refuses or
         # re-declares the weights as quantized.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

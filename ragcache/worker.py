@@ -163,7 +163,7 @@ class _Request:
     seen: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    stopper: StopMatcher | None = None
+    stopper: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     detok: Any = None
     first_token_at: float = 0.0
     prefill_done_at: float = 0.0
@@ -376,10 +376,9 @@ class ModelWorker:
             self._gen = None
             return True
         for r in responses:
-            req = self._by_uid.get(r.uid)
-            if req is None:
-                continue
-            self._on_token(req, r.token, r.finish_reason, r.prompt_cache)
+            owner = self._by_uid.get(r.uid)
+            if owner is not None:
+                self._on_token(owner, r.token, r.finish_reason, r.prompt_cache)
         return True
 
     def _on_token(self, req: _Request, token: int, finish: str | None, cache: Any) -> None:
@@ -421,7 +420,7 @@ class ModelWorker:
     def _finish(
         self, req: _Request, reason: str, cache: Any, prefill_only: bool = False
     ) -> None:
-        tail = req.stopper.flush() if req.stopper and reason != "stop" else ""
+        tail = req.stopper.flush() if reason != "stop" else ""
         if tail:
             req.text.append(tail)
             req.ticket._put(TextDelta(tail, req.generated[-1] if req.generated else -1))

@@ -1,0 +1,163 @@
+"""The query path end to end on real parts: LanceDB in tmp_path, the bundled embedder, a tiny
+model (fast) or the embedded SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import JobSpec, run_job
+from ragcache.answer import AnswerDone, Answerer, AnswerSettings, Conversation, SourcesEvent
+from ragcache.cache import CacheSettings, PrefixCache
+from ragcache.embedder import SentenceTransformerEmbedder
+from ragcache.engine import Engine, TextDelta
+from ragcache.errors import ConfigError, InvalidRequestError
+from ragcache.model_loader import LoadedModel
+from ragcache.retrieve import Retriever
+from ragcache.sampling import SamplingParams
+from ragcache.store import open_store
+
+DOCS = {
+    "tea.md": "# Tea\n\nGreen tea is made from leaves that are not oxidised. Black tea is fully "
+    "oxidised, which gives it a darker colour and a stronger taste.\n",
+    "python.md": "# Python\n\nPython uses indentation to group statements. Guido van Rossum chose "
+    "it because it makes programs shorter and clearer.\n",
+    "cache.md": "# Caches\n\nA prefix cache keeps the keys and values of prompts it has seen, so a "
+    "prompt that shares a prefix with an earlier one only computes the rest.\n",
+    "rivers.md": "# Rivers\n\nThe Nile is the longest river in Africa. The Amazon carries the most "
+    "water of any river on Earth.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_llama: LoadedModel, embedder) -> Path:
+    root = tmp_path_factory.mktemp("answer")
+    for name, text in DOCS.items():
+        (root / name).write_text(text)
+    db = root / "db"
+    run_job(
+        JobSpec(paths=(str(root),), db_dir=db, generator=str(tiny_llama.path)),
+        root / "home",
+        embedder=embedder,
+    )
+    return db
+
+
+def _answerer(loaded: LoadedModel, db: Path, embedder, order: str = "cache") -> Answerer:
+    cache = PrefixCache(loaded, CacheSettings(cache_bytes=1 << 28))
+    retriever = Retriever(open_store(db), embedder)
+    return Answerer(Engine(loaded, cache=cache), retriever, AnswerSettings(order=order))
+
+
+def _ask(answerer: Answerer, question: str, **kw) -> tuple[SourcesEvent, str, AnswerDone]:
+    events = list(answerer.ask(question, params=SamplingParams(max_tokens=8), **kw))
+    assert isinstance(events[0], SourcesEvent) and isinstance(events[-1], AnswerDone)
+    text = "".join(e.text for e in events[1:-1] if isinstance(e, TextDelta))
+    return events[0], text, events[-1]
+
+
+def test_answer_streams_with_numbered_sources_and_reuses_the_cache(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder)
+    sources, text, done = _ask(answerer, "Why does Python use indentation?", k=3)
+    assert [s.number for s in sources.sources] == [1, 2, 3]
+    assert text == done.text
+    assert any("python" in s.source for s in sources.sources)
+    assert done.figures.prompt_tokens > 0 and done.figures.retrieval_ms > 0
+    again = _ask(answerer, "Why does Python use indentation?", k=3)[2]
+    assert again.completion.tokens == done.completion.tokens  # the cache never changes results
+    assert again.figures.cached_tokens == again.figures.prompt_tokens - 1
+    other = _ask(answerer, "Which river is the longest in Africa?", k=3)[2]
+    assert other.figures.cached_tokens > 0  # at least the system prompt
+
+
+def test_follow_up_extends_the_conversation_path(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder)
+    conversation = Conversation()
+    first = _ask(answerer, "How is black tea made?", k=2, conversation=conversation)[2]
+    second = _ask(answerer, "And green tea?", k=2, conversation=conversation)[2]
+    turn1 = first.figures.prompt_tokens + first.figures.generated_tokens
+    assert second.figures.cached_tokens >= turn1 - 1
+    numbers = [s.number for s in conversation.sources]
+    assert numbers == list(range(1, len(numbers) + 1))  # numbering continues across turns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"question": "   "}, "empty"),
+        ({"question": "tea?", "k": 0}, "k must be"),
+        ({"question": "tea?", "k": 51}, "k must be"),
+        ({"question": "tea?", "order": "random"}, "unknown order"),
+    ],
+)
+def test_bad_questions_get_clear_errors(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder, kwargs: dict, message: str
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder)
+    question = kwargs.pop("question")
+    with pytest.raises(InvalidRequestError, match=message):
+        list(answerer.ask(question, **kwargs))
+
+
+def test_empty_store_and_other_embedder_are_refused(tmp_path: Path, embedder) -> None:
+    store = open_store(tmp_path / "db", dim=embedder.dim, embedder_id=embedder.identity)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        Retriever(store, embedder).retrieve("tea?")
+    other = open_store(tmp_path / "db8", dim=8, embedder_id="another-embedder")
+    with pytest.raises(ConfigError, match="another embedder"):
+        Retriever(other, embedder)
+
+
+@pytest.mark.slow
+def test_ask_cli_answers_from_the_faq_with_smollm2(tmp_path: Path, home: Path) -> None:
+    faq = Path(__file__).resolve().parents[1] / "datasets" / "python_docs" / "faq" / "design"
+    db = tmp_path / "db"
+    env = {**os.environ}
+    cmd = [sys.executable, "-m", "ragcache.cli"]
+    ingest = subprocess.run(
+        [*cmd, "ingest", str(faq), "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    ask = [
+        *cmd,
+        "ask",
+        "Why does Python use indentation for grouping of statements?",
+        "--db",
+        str(db),
+        "--json",
+        "--max-tokens",
+        "24",
+        "--cache-dir",
+        str(tmp_path / "kv"),
+    ]
+    first = subprocess.run(ask, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr
+    answer = json.loads(first.stdout.strip().splitlines()[-1])
+    assert any(s["doc_id"].endswith("design/q001.rst") for s in answer["sources"])
+    assert answer["answer"].strip()
+    # A second process starts warm from the disk tier.
+    second = json.loads(
+        subprocess.run(ask, capture_output=True, text=True, timeout=600, env=env)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert second["figures"]["cached_tokens"] >= second["figures"]["prompt_tokens"] - 1
+    assert second["answer"] == answer["answer"]
