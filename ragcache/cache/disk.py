@@ -29,7 +29,7 @@ from ragcache.cache.tree import Node
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sliding-window layers stored as spans, not window snapshots
 
 
 def path_key(tokens: Sequence[int]) -> str:

@@ -33,6 +33,8 @@ POLICIES: dict[str, SortKey] = {
     "lru": lambda n: n.last_access,
     # RAGCache's PGDSF: cheap-to-recompute, rarely hit, large nodes go first; the clock ages old hits.
     "pgdsf": lambda n: n.clock + n.hits * recompute_cost(n) / max(n.n_bytes, 1),
+    # Frequency alone (no aging), ties to the least recent: best when popularity never drifts.
+    "lfu": lambda n: n.hits + n.last_access / 2**53,
 }
 
 

@@ -1,11 +1,15 @@
 """One small adapter per kind of mlx-lm layer cache: take, split, restore, size.
 
 Two shapes of stored state, chosen by the layer kind, never by special-case fields:
-- *span* kinds (`KVCache`): a node keeps a contiguous copy of its span's K/V; any prefix is the
-  concatenation of the spans along its path, cut anywhere.
-- *snapshot* kinds (`RotatingKVCache`, which cannot be cut back once it wraps; `ArraysCache`, recurrent
-  state): a node keeps a copy of the whole layer state at its end (a checkpoint); a prefix can only
-  resume where every such layer has one.
+- *span* kinds: a node keeps a contiguous copy of its span's K/V; any prefix is restored from the
+  spans along its path, cut anywhere. `KVCache` (global attention) concatenates them all;
+  `RotatingKVCache` with keep=0 (sliding window, as in Gemma 3) takes the last `window` tokens
+  only. A sliding layer's live buffer holds just the last `window` (or more) tokens, so its span
+  must be taken before the buffer overwrites it: `window` bounds the distance between captures,
+  and `take_span` raises `SpanMissing` for tokens already overwritten.
+- *snapshot* kinds (`ArraysCache`, recurrent state; `RotatingKVCache` with keep>0): a node keeps a
+  copy of the whole layer state at its end (a checkpoint); a prefix can only resume where every
+  such layer has one.
 Stored arrays are copies (`copy_array`), never views into a live cache buffer, and are evaluated at
 once so they hold no reference to the live graph.
 """
@@ -66,9 +70,21 @@ def _seq_slice(stored: Any, a: int, b: int | None) -> Any:
     return copy_array(stored[..., a:b, :])
 
 
+def _split_span(span: Any, at: int) -> tuple[Any, Any]:
+    k, v, dtype = span
+    upper = (_seq_slice(k, 0, at), _seq_slice(v, 0, at), dtype)
+    return upper, (_seq_slice(k, at, None), _seq_slice(v, at, None), dtype)
+
+
+class SpanMissing(LookupError):
+    """The live cache no longer holds the K/V of the requested tokens (a window overwrote them)."""
+
+
 class LayerKind(Protocol):
     @property
     def spans(self) -> bool: ...  # True: span kind (restorable anywhere); False: checkpoints only
+    @property
+    def window(self) -> int | None: ...  # span kinds that keep only the last N tokens live: N
 
     def take_span(self, cache: Any, start: int, end: int) -> Any: ...
     def take_snapshot(self, cache: Any) -> Any: ...
@@ -82,6 +98,7 @@ class KVSpans:
 
     codec: Codec
     spans: bool = True
+    window: int | None = None
 
     def take_span(self, cache: KVCache, start: int, end: int) -> Any:
         k, v = cache.keys[..., start:end, :], cache.values[..., start:end, :]
@@ -91,12 +108,7 @@ class KVSpans:
         return None
 
     def split(self, span: Any, at: int) -> tuple[Any, Any]:
-        k, v, dtype = span
-        return (_seq_slice(k, 0, at), _seq_slice(v, 0, at), dtype), (
-            _seq_slice(k, at, None),
-            _seq_slice(v, at, None),
-            dtype,
-        )
+        return _split_span(span, at)
 
     def restore(self, spans: Sequence[Any], snapshot: Any, offset: int) -> KVCache:
         cache = KVCache()
@@ -112,12 +124,83 @@ class KVSpans:
         return cache
 
 
+def _span_len(span: Any) -> int:
+    k = span[0]
+    return (k[0] if isinstance(k, tuple) else k).shape[2]
+
+
+@dataclass(frozen=True)
+class RotatingSpans:
+    """`RotatingKVCache` with keep=0: spans like `KVSpans`, restored from the last `window` tokens.
+
+    The restored cache holds min(offset, window) tokens in temporal order with `_idx` at the
+    buffer's end, exactly what mlx-lm's own `_temporal_order` produces: the next in-place write
+    wraps to slot 0 (the oldest token), the next concat drops the oldest before appending.
+    """
+
+    codec: Codec
+    window: int
+    spans: bool = True
+
+    def take_span(self, cache: RotatingKVCache, start: int, end: int) -> Any:
+        k, v = self._ordered(cache, cache.keys), self._ordered(cache, cache.values)
+        first = cache.offset - k.shape[2]  # position of the oldest token still held
+        if start < first or end > cache.offset:
+            raise SpanMissing(
+                f"tokens {start}..{end} not in the live window {first}..{cache.offset}"
+            )
+        a, b = start - first, end - first
+        return (self.codec.encode(k[..., a:b, :]), self.codec.encode(v[..., a:b, :]), k.dtype)
+
+    @staticmethod
+    def _ordered(cache: RotatingKVCache, v: mx.array) -> mx.array:
+        # mlx-lm's _temporal_order for keep=0: every held token, oldest first.
+        idx = cache._idx
+        if idx == v.shape[2]:
+            return v
+        if idx < cache.offset:
+            return mx.concatenate([v[..., idx:, :], v[..., :idx, :]], axis=2)
+        return v[..., :idx, :]
+
+    def take_snapshot(self, cache: RotatingKVCache) -> Any:
+        return None
+
+    def split(self, span: Any, at: int) -> tuple[Any, Any]:
+        return _split_span(span, at)
+
+    def restore(self, spans: Sequence[Any], snapshot: Any, offset: int) -> RotatingKVCache:
+        cache = RotatingKVCache(max_size=self.window, keep=0)
+        need = min(offset, self.window)
+        if need == 0:
+            return cache
+        tail: list[Any] = []
+        have = 0
+        for span in reversed(spans):  # only the spans the window reaches back into
+            tail.append(span)
+            have += _span_len(span)
+            if have >= need:
+                break
+        if have < need:
+            raise ValueError(f"spans hold {have} tokens, the window at {offset} needs {need}")
+        tail.reverse()
+        dtype = tail[0][2]
+        out = []
+        for part in (0, 1):
+            arrays = [self.codec.decode(s[part], dtype) for s in tail]
+            x = arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=2)
+            out.append(copy_array(x[..., x.shape[2] - need :, :]))  # owned: the cache writes in it
+        cache.keys, cache.values = out
+        cache.offset, cache._idx = offset, need
+        return cache
+
+
 @dataclass(frozen=True)
 class RotatingSnapshots:
-    """`RotatingKVCache` (sliding window): a checkpoint keeps the last `max_size` tokens in order."""
+    """`RotatingKVCache` with keep>0: a checkpoint keeps the `keep` head and the newest tokens."""
 
     codec: Codec
     spans: bool = False
+    window: int | None = None
 
     def take_span(self, cache: RotatingKVCache, start: int, end: int) -> Any:
         return None
@@ -161,6 +244,7 @@ class ArraysSnapshots:
     """`ArraysCache` (recurrent state): a checkpoint copies every state array, never quantized."""
 
     spans: bool = False
+    window: int | None = None
 
     def take_span(self, cache: ArraysCache, start: int, end: int) -> Any:
         return None
@@ -185,7 +269,7 @@ def layer_kind(cache: Any, codec: Codec) -> LayerKind | None:
     if kind is KVCache:
         return KVSpans(codec)
     if kind is RotatingKVCache:
-        return RotatingSnapshots(codec)
+        return RotatingSpans(codec, cache.max_size) if cache.keep == 0 else RotatingSnapshots(codec)
     if kind is ArraysCache:
         return ArraysSnapshots()
     return None

@@ -1,8 +1,9 @@
 """The prefix cache of one loaded model: restore the deepest cached prefix, capture the rest.
 
 `PrefixCache.begin` matches a prompt against the tree, restores a fresh mlx-lm cache to the deepest
-position every layer can resume from (anywhere for span layers; a checkpoint when the model has
-snapshot layers), pins that path and returns a `CacheSession`. The engine prefills the rest, pausing
+position every layer can resume from (anywhere when every layer is a span kind, sliding-window
+layers included; a checkpoint when the model has snapshot layers), pins that path and returns a
+`CacheSession`. The engine prefills the rest, pausing
 at `capture_positions` to call `capture`, and ends with `finish` (store) or `abort` (don't).
 All public methods take one lock, so a server may call them from several threads.
 """
@@ -18,8 +19,13 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from ragcache.cache.disk import DiskTier, path_key
-from ragcache.cache.layers import Codec, LayerKind, evaluate, layer_kind, n_bytes
-from ragcache.cache.session import CacheSession, capture_positions
+from ragcache.cache.layers import Codec, LayerKind, SpanMissing, evaluate, layer_kind, n_bytes
+from ragcache.cache.session import (
+    CacheSession,
+    capture_positions,
+    span_capture_plan,
+    span_capture_positions,
+)
 from ragcache.cache.settings import CacheSettings
 from ragcache.cache.stats import CacheStats, LookupStats
 from ragcache.cache.tree import Node, RadixTree
@@ -66,6 +72,8 @@ class PrefixCache:
         kinds = [layer_kind(c, codec) for c in probe]
         self.kinds: list[LayerKind] = [k for k in kinds if k is not None]
         self.snapshots = any(not k.spans for k in self.kinds)
+        # The shortest sliding window among span layers: captures must come at most this far apart.
+        self.window = min((k.window for k in self.kinds if k.window), default=None)
         self.min_node_bytes = self._smallest_node_bytes(probe) if None not in kinds else 0
         self.enabled = settings.enabled and self._usable(kinds)
         self.disk: DiskTier | None = None
@@ -242,10 +250,12 @@ class PrefixCache:
     def _capture_positions(
         self, tokens: list[int], start: int, boundaries: Sequence[int]
     ) -> list[int]:
-        have = {n.end for n in self._checkpointed_path(tokens)} if self.snapshots else set()
-        return capture_positions(
-            len(tokens), start, boundaries, self.settings.checkpoint_every_tokens, have
-        )
+        every = self.settings.checkpoint_every_tokens
+        if not self.snapshots:  # span layers resume anywhere: no checkpoints at boundaries
+            gap, tail = span_capture_plan(self.window, every)
+            return span_capture_positions(len(tokens), start, gap, tail)
+        have = {n.end for n in self._checkpointed_path(tokens)}
+        return capture_positions(len(tokens), start, boundaries, every, have)
 
     def _checkpointed_path(self, tokens: list[int]) -> list[Node]:
         match = self.tree.match(tokens)
@@ -256,14 +266,17 @@ class PrefixCache:
         """Insert tokens (which session.prompt_cache covers exactly) and, if asked, a checkpoint.
 
         Copies only what the tree lacks; returns the node ending at len(tokens), or None if it did
-        not fit or the cache's length disagrees with `tokens` (then nothing is stored).
+        not fit, the cache's length disagrees with `tokens`, or a windowed layer no longer holds
+        the K/V of the tokens the tree lacks (then nothing is stored). Span layers may cover more
+        than `tokens` (a prompt stored without its continuation); a checkpoint needs exactly it.
         """
         with self._lock:
             p = len(tokens)
             if not self.enabled or p == 0:
                 return None
             offsets = {c.offset for c in session.prompt_cache if hasattr(c, "offset")}
-            if offsets != {p}:
+            exact = offsets == {p}
+            if not exact and (len(offsets) != 1 or min(offsets) < p or self.snapshots):
                 log.warning("prefix cache: cache covers %s tokens, not %d; not stored", offsets, p)
                 return None
             live = session.prompt_cache
@@ -278,9 +291,13 @@ class PrefixCache:
                 evaluate(data)
                 return data
 
-            node = self.tree.insert(
-                tokens, payload_for, checkpoint_for if checkpoint and self.snapshots else None
-            )
+            try:
+                node = self.tree.insert(
+                    tokens, payload_for, checkpoint_for if checkpoint and self.snapshots else None
+                )
+            except SpanMissing as exc:  # the path stops at what was stored exactly
+                log.debug("prefix cache: %s; stored path ends earlier", exc)
+                node = None
             self._save_index()
             return node
 

@@ -30,6 +30,34 @@ def capture_positions(
     return sorted(p for p in points if start < p < n_tokens and p not in have)
 
 
+def span_capture_plan(window: int | None, every: int) -> tuple[int, int]:
+    """(gap, tail) for `span_capture_positions` on a model without snapshot layers.
+
+    Windowed layers need a capture at least every `window` tokens, and one half a window before
+    the end so that a continuation of up to about window/2 tokens can be stored at `finish`;
+    `every` (checkpoint_every_tokens, 0: off) may ask for more frequent captures.
+    """
+    gaps = [g for g in (window, every) if g]
+    return min(gaps, default=0), (window // 2 if window else 0)
+
+
+def span_capture_positions(n_tokens: int, start: int, gap: int, tail: int = 0) -> list[int]:
+    """Positions for models without snapshot layers: every `gap` tokens after `start`, plus
+    n_tokens - tail when the last of those is further than `tail` from the end (0: no tail).
+
+    With windowed span layers (gap <= window) every token's K/V is stored before the window
+    overwrites it; the tail capture leaves room for `tail` - (final piece) generated tokens to be
+    stored exactly at `finish`. Pure.
+    """
+    if gap <= 0:
+        return []
+    points = list(range(start + gap, n_tokens, gap))
+    last = points[-1] if points else start
+    if tail > 0 and n_tokens - last > tail and n_tokens - tail > start:
+        points.append(n_tokens - tail)
+    return points
+
+
 class CacheSession:
     """Restored state for one prompt, and the hooks the engine calls while it computes the rest.
 
@@ -72,7 +100,9 @@ class CacheSession:
     def finish(self, all_tokens: Sequence[int]) -> None:
         """Store the prompt and (if settings.store_generated) the continuation, then unpin.
 
-        prompt_cache must cover exactly all_tokens. Stored arrays are copies: the live cache can
+        prompt_cache must cover exactly all_tokens. Tokens whose windowed-layer K/V the live cache
+        no longer holds (a continuation longer than the window allows) are not stored: the
+        stored path then ends at the last capture. Stored arrays are copies: the live cache can
         be dropped or reused afterwards.
         """
         if self._done:
@@ -81,16 +111,10 @@ class CacheSession:
             keep = list(all_tokens)
             if not self._owner.settings.store_generated and not self._owner.snapshots:
                 keep = keep[: len(self._tokens)]  # span layers can store the prompt part alone
-                self._trim_live(len(keep))
             if keep:
                 self._keep(self._owner.store(self, keep, checkpoint=True))
         finally:
             self.abort()
-
-    def _trim_live(self, n: int) -> None:
-        for c in self.prompt_cache:
-            if hasattr(c, "offset") and c.offset > n:
-                c.trim(c.offset - n)
 
     def abort(self) -> None:
         """Unpin without storing anything more (cancel, error). Idempotent."""

@@ -38,7 +38,9 @@ class CacheSettings:
     # RAM budget of stored KV and checkpoints, enforced on every insert.
     cache_bytes: int = field(default_factory=default_cache_bytes)
     policy: str = "pgdsf"  # a key of ragcache.cache.eviction.POLICIES
-    # A checkpoint every N tokens inside long segments, besides segment boundaries; 0: boundaries only.
+    # Models with snapshot layers (recurrent state): a checkpoint every N tokens inside long
+    # segments, besides segment boundaries (0: boundaries only). Models whose layers are all span
+    # kinds (Gemma 3, Llama): a capture at least every N tokens (and every sliding window).
     checkpoint_every_tokens: int = 512
     # Keep the generated continuation too, so a multi-turn chat extends its own path.
     store_generated: bool = True

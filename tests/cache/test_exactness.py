@@ -97,3 +97,48 @@ def test_quantized_nodes_are_smaller_and_restore(tiny_llama: LoadedModel, bits: 
     ratio = quant.stats().ram_bytes / full.stats().ram_bytes
     assert ratio < (0.3 if bits == 8 else 0.18)  # float32 -> 8 bits + scales, or 4 bits + scales
     assert agree / total > 0.5  # measured agreement; the benchmark reports it on the real model
+
+
+def test_gemma_resumes_at_any_matched_position(tiny_gemma: LoadedModel) -> None:
+    """Sliding layers stored as spans: no checkpoints, and every hit resumes where the match ends,
+    far past the 24-token window, not at a checkpoint before it."""
+    cache = PrefixCache(tiny_gemma, CacheSettings(cache_bytes=1 << 30, checkpoint_every_tokens=0))
+    engine, cold = Engine(tiny_gemma, cache=cache), Engine(tiny_gemma)
+    resumed = []
+    for prompt in family(11, 10, base_len=150):
+        got = engine.generate(prompt, GREEDY)
+        assert got.tokens == cold.generate(prompt, GREEDY).tokens
+        if got.lookup.start:
+            assert got.lookup.start == min(got.lookup.matched_tokens, len(prompt.tokens) - 1)
+            resumed.append(got.lookup.start)
+    assert len(resumed) >= 5 and max(resumed) > 3 * 24
+    assert cache.stats().checkpoints == 0
+
+
+def test_gemma_node_bytes_are_spans_only(tiny_gemma: LoadedModel) -> None:
+    """Memory per cached token is one K/V row per layer, whatever the window."""
+    cache = PrefixCache(tiny_gemma, CacheSettings(cache_bytes=1 << 30))
+    prompt = family(2, 1, base_len=200)[0]
+    Engine(tiny_gemma, cache=cache).generate(prompt, SamplingParams(max_tokens=1))
+    stats = cache.stats()
+    stored = sum(n.n_tokens for n in cache.tree.nodes())
+    assert stored == len(prompt.tokens)
+    assert stats.ram_bytes == stored * cache.min_node_bytes
+
+
+def test_long_continuation_stores_only_what_is_exact(tiny_gemma: LoadedModel) -> None:
+    """An answer longer than the window: its sliding K/V is gone at finish, so the stored path
+    stops at the last capture; the next turn still equals a cold run."""
+    cache = PrefixCache(tiny_gemma, CacheSettings(cache_bytes=1 << 30))
+    engine, cold = Engine(tiny_gemma, cache=cache), Engine(tiny_gemma)
+    long_answer = SamplingParams(max_tokens=40)
+    rng = random.Random(0)
+    history = [rng.randrange(4, 380) for _ in range(80)]
+    first = engine.generate(SegmentedPrompt(history, [len(history)]), long_answer)
+    assert len(first.tokens) > 24
+    stored_end = max(n.end for n in cache.tree.nodes())
+    assert len(history) - 24 // 2 <= stored_end <= len(history)
+    follow = SegmentedPrompt(history + first.tokens + [5, 6, 7], [len(history)])
+    got = engine.generate(follow, long_answer)
+    assert got.tokens == cold.generate(follow, long_answer).tokens
+    assert got.stats.cached_tokens == stored_end

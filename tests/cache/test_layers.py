@@ -6,7 +6,15 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
-from ragcache.cache.layers import ArraysSnapshots, Codec, KVSpans, RotatingSnapshots, evaluate
+from ragcache.cache.layers import (
+    ArraysSnapshots,
+    Codec,
+    KVSpans,
+    RotatingSnapshots,
+    RotatingSpans,
+    SpanMissing,
+    evaluate,
+)
 
 
 def kv(n: int, seed: int = 0) -> tuple[mx.array, mx.array]:
@@ -49,6 +57,62 @@ def test_rotating_snapshot_continues_like_the_original(total: int, chunk: int) -
             original._temporal_order(got_o)[..., -window:, :],
             copy._temporal_order(got_c)[..., -window:, :],
         ).item()
+
+
+def feed(cache: RotatingKVCache, k: mx.array, v: mx.array, a: int, b: int) -> mx.array:
+    return cache.update_and_fetch(k[..., a:b, :], v[..., a:b, :])[0]
+
+
+@pytest.mark.parametrize("chunk", [16, 5, 1])
+@pytest.mark.parametrize("resume", [3, 16, 21, 40, 57])
+def test_rotating_spans_restore_anywhere_like_the_original(chunk: int, resume: int) -> None:
+    """Spans captured at most a window apart restore a window at any position; feeding more
+    tokens to the restored cache and to one that saw the prefix live gives the same keys."""
+    window, total = 16, 60
+    kind = RotatingSpans(Codec(), window)
+    k, v = kv(total + 9, seed=5)
+    live, spans, stored = RotatingKVCache(max_size=window), [], 0
+    for a in range(0, total, chunk):
+        feed(live, k, v, a, min(a + chunk, total))
+        if live.offset - stored >= window - chunk or live.offset == total:
+            spans.append(kind.take_span(live, stored, live.offset))
+            stored = live.offset
+    evaluate(spans)
+    flat_k = mx.concatenate([s[0] for s in spans], axis=2)
+    assert mx.array_equal(flat_k, k[..., :total, :]).item()  # every token stored, in order
+    # Spans up to `resume` (the last one cut), as the tree hands them over.
+    cut, before = [], 0
+    for s in spans:
+        n = s[0].shape[2]
+        if before + n >= resume:
+            cut.append(kind.split(s, resume - before)[0] if before + n > resume else s)
+            break
+        cut.append(s)
+        before += n
+    restored = kind.restore(cut, None, resume)
+    reference = RotatingKVCache(max_size=window)
+    for a in range(0, resume, chunk):
+        feed(reference, k, v, a, min(a + chunk, resume))
+    assert restored.offset == resume == reference.offset
+    for a, b in ([resume, resume + 4], [resume + 4, resume + 5], [resume + 5, resume + 6]):
+        got_r, got_c = feed(reference, k, v, a, b), feed(restored, k, v, a, b)
+        held = min(window + (b - a) - 1 if b - a > 1 else window, b)  # what the step attends to
+        assert mx.array_equal(
+            reference._temporal_order(got_r)[..., -held:, :],
+            restored._temporal_order(got_c)[..., -held:, :],
+        ).item()
+
+
+def test_rotating_spans_refuse_overwritten_tokens() -> None:
+    live = RotatingKVCache(max_size=8)
+    k, v = kv(30)
+    for a in range(0, 30):  # one token at a time: the buffer keeps exactly the last 8
+        feed(live, k, v, a, a + 1)
+    kind = RotatingSpans(Codec(), 8)
+    span = kind.take_span(live, 22, 30)
+    assert mx.array_equal(span[0], k[..., 22:30, :]).item()
+    with pytest.raises(SpanMissing):
+        kind.take_span(live, 21, 30)
 
 
 def test_snapshot_is_a_copy_not_a_view() -> None:
