@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--json", action="store_true", help="one JSON object per answer")
     ask.set_defaults(func=cmd_ask)
 
+    from ragcache.batch.cli import register as register_batch
+
+    register_batch(sub)
+
 
 def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
     names = list(EMBEDDED_MODELS) if args.all else [args.name or settings.model.name]
