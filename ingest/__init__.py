@@ -1,0 +1,1 @@
+"""Ingestion jobs: load files, chunk them by tokens, embed, and upsert into the LanceDB store."""

@@ -1,0 +1,303 @@
+"""The ingest job: scan, skip what is stored, load and chunk in a background thread, embed, commit.
+
+Order of work and why it is safe to kill at any point:
+1. Plan: hash every file; a document whose stored chunks are complete for the same version hash
+   (content + tokenizer + embedder + chunk settings) is unchanged and costs no embedding.
+2. A producer thread reads, parses and chunks the rest while the main thread embeds the previous
+   batch (torch releases the GIL), so the embedder is never waiting on parsing.
+3. Each batch of whole documents is one `replace_docs` commit: a document switches from its old
+   chunks to its new ones atomically, so a rerun finds each document either done or not started.
+4. `--sync` deletes documents that are gone from the scanned paths (never those whose file was
+   merely skipped). Removed chunk ids go to a journal before each commit, so none is unreported.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ingest.chunker import Tokens
+from ingest.documents import Skipped
+from ingest.formats import FileRef, is_multi_document
+from ingest.journal import RemovalJournal
+from ingest.producer import END, DocumentProducer, DocWork
+from ingest.report import JobReport, Progress
+from ingest.rows import build_rows, doc_version
+from ingest.settings import PIPELINE_VERSION, IngestSettings
+from ingest.sources import DEFAULT_EXCLUDES, Scan, scan_paths
+from ingest.tokens import GeneratorTokens, load_tokens, tokenizer_folder
+from ragcache.embedder import Embedder, SentenceTransformerEmbedder
+from ragcache.store import ChunkStore, DocState, StoreError, StoreSettings, open_store
+from ragcache.store import tokenizer_identity as folder_tokenizer_identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to ingest and where."""
+
+    paths: tuple[str, ...]
+    db_dir: Path
+    table: str = "chunks"
+    sync: bool = False
+    excludes: tuple[str, ...] = DEFAULT_EXCLUDES
+    generator: str = "smollm2-135m-instruct"  # whose tokenizer counts and stores chunk tokens
+
+
+def run_job(
+    spec: JobSpec,
+    home: Path,
+    settings: IngestSettings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    tokens: GeneratorTokens | None = None,
+    progress: bool = False,
+    on_removed: Callable[[list[str]], None] | None = None,
+) -> JobReport:
+    """Run one ingest job and return its report.
+
+    Writes the table under `spec.db_dir` (created if missing) while holding an exclusive lock
+    file beside it. Bad inputs are skipped and listed in the report. Raises StoreError (and its
+    SchemaMismatchError) when the store cannot be used; nothing stored is changed then.
+    """
+    start = time.perf_counter()
+    settings = settings or IngestSettings()
+    report = JobReport(db=str(spec.db_dir), table=spec.table)
+    scan = scan_paths(spec.paths, spec.excludes)
+    report.skipped.extend(scan.skipped)
+    embedder = embedder or SentenceTransformerEmbedder(settings.embedder)
+    # The identity comes from the tokenizer files; the tokenizer itself loads only if needed.
+    folder = None if tokens is not None else tokenizer_folder(spec.generator, home)
+    tok_id = tokens.identity if tokens is not None else folder_tokenizer_identity(folder)
+    pipeline_id = _pipeline_id(settings, tok_id, embedder.identity)
+    if spec.db_dir.exists() and not spec.db_dir.is_dir():
+        raise StoreError(
+            f"{spec.db_dir} is a file, not a LanceDB folder", hint="pass --db a folder"
+        )
+    spec.db_dir.mkdir(parents=True, exist_ok=True)
+    with _job_lock(spec.db_dir, spec.table):
+        store = open_store(
+            spec.db_dir,
+            StoreSettings(table=spec.table),
+            dim=embedder.dim,
+            embedder_id=embedder.identity,
+        )
+        journal = RemovalJournal(spec.db_dir / f".{spec.table}.removed.jsonl")
+        pending = journal.pending()
+        states = store.doc_states()
+        todo, seen = _plan(scan, states, pipeline_id, settings, report)
+        # Sources of skipped files and folders: --sync keeps what they stored before.
+        protected = [os.path.abspath(s.path) for s in report.skipped]
+
+        def get_tokens() -> Tokens:  # called by the producer on its first document to chunk
+            return tokens if tokens is not None else load_tokens(folder)  # type: ignore[arg-type]
+
+        producer = DocumentProducer(todo, states, pipeline_id, settings, get_tokens)
+        _consume(
+            producer, store, embedder, tok_id, journal, settings, report, seen, protected, states,
+            progress,
+        )  # fmt: skip
+        if spec.sync:
+            _sync(scan, states, seen, protected, store, journal, report)
+        still_there = store.existing_chunk_ids(pending)
+        report.removed_chunk_ids += [c for c in pending if c not in still_there]
+        report.removed_chunk_ids = sorted(set(report.removed_chunk_ids))
+        report.maintenance = store.maintain(compact=_should_compact(store, report, settings))
+        report.total_chunks = store.count()
+        if on_removed is not None and report.removed_chunk_ids:
+            on_removed(report.removed_chunk_ids)
+        journal.clear()
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _pipeline_id(settings: IngestSettings, tokenizer_id: str, embedder_id: str) -> str:
+    # Everything that shapes chunks or vectors: a change re-ingests every document.
+    parts = [PIPELINE_VERSION, json.dumps(asdict(settings.chunk), sort_keys=True)]
+    return hashlib.sha256("\0".join([*parts, tokenizer_id, embedder_id]).encode()).hexdigest()[:16]
+
+
+def _plan(
+    scan: Scan,
+    states: dict[str, DocState],
+    pipeline_id: str,
+    settings: IngestSettings,
+    report: JobReport,
+) -> tuple[list[FileRef], set[str]]:
+    """Files that need work, and the doc ids already known to be current."""
+    todo: list[FileRef] = []
+    seen: set[str] = set()
+    for ref in scan.files:
+        try:
+            size = ref.path.stat().st_size
+            if size > settings.max_file_bytes:
+                limit = settings.max_file_bytes / 2**20
+                report.skipped.append(
+                    Skipped(
+                        ref.source,
+                        f"{size / 2**20:.1f} MB is over the {limit:.0f} MB limit "
+                        "(raise it with --max-file-mb)",
+                    )  # fmt: skip
+                )
+                continue
+            if is_multi_document(ref.path):
+                todo.append(ref)
+                continue
+            with open(ref.path, "rb") as f:
+                fingerprint = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            report.skipped.append(Skipped(ref.source, f"cannot read: {exc.strerror or exc}"))
+            continue
+        state = states.get(ref.doc_id)
+        if state and state.is_complete(doc_version(pipeline_id, fingerprint)):
+            seen.add(ref.doc_id)
+            report.unchanged += 1
+        else:
+            todo.append(ref)
+    return todo, seen
+
+
+def _consume(
+    producer: DocumentProducer,
+    store: ChunkStore,
+    embedder: Embedder,
+    tokenizer_id: str,
+    journal: RemovalJournal,
+    settings: IngestSettings,
+    report: JobReport,
+    seen: set[str],
+    protected: list[str],
+    states: dict[str, DocState],
+    show_progress: bool,
+) -> None:
+    """Embed and commit what the producer yields, a batch of whole documents per commit.
+    Adds to `seen` the documents met and to `protected` the sources --sync must keep."""
+    bar = Progress(len(producer.todo), show_progress)
+    batch: list[DocWork] = []
+    files_waiting = 0
+
+    def flush() -> None:
+        nonlocal batch, files_waiting
+        if not batch:
+            return
+        texts = [c.text for w in batch for c in w.chunks]
+        t0 = time.perf_counter()
+        vectors = embedder.embed(texts)
+        report.embed_s += time.perf_counter() - t0
+        rows = build_rows(
+            [(w.doc, w.version, w.chunks, w.ids) for w in batch],
+            vectors,
+            tokenizer_id,
+            store.table.schema,
+        )
+        removed = [c for w in batch for c in _removed(states.get(w.doc.doc_id), w.ids)]
+        journal.record(removed)
+        store.replace_docs(rows, [w.doc.doc_id for w in batch])
+        for w in batch:
+            (report.updated if w.doc.doc_id in states else report.added).append(w.doc.doc_id)
+        report.removed_chunk_ids += removed
+        report.chunks_written += len(texts)
+        bar.advance(files_waiting, len(texts))
+        batch, files_waiting = [], 0
+
+    producer.start()
+    try:
+        n_chunks = 0
+        for item in producer.drain():
+            if item is END:
+                break
+            kind, payload = item  # type: ignore[misc]
+            if kind == "error":
+                raise payload
+            if kind == "skip":
+                report.skipped.append(payload[0])
+                protected.append(payload[1])
+            elif kind == "same":
+                seen.add(payload)
+                report.unchanged += 1
+            elif kind == "doc":
+                seen.add(payload.doc.doc_id)
+                batch.append(payload)
+                n_chunks += len(payload.chunks)
+            elif kind == "file":
+                if batch:
+                    files_waiting += 1
+                else:
+                    bar.advance(1, 0)
+            if n_chunks >= settings.write_batch_chunks:
+                flush()
+                n_chunks = 0
+        flush()
+    finally:
+        producer.stop.set()
+        bar.close()
+
+
+def _removed(state: DocState | None, new_ids: list[str]) -> list[str]:
+    if state is None:
+        return []
+    keep = set(new_ids)
+    return [c for c in state.chunk_ids if c not in keep]
+
+
+def _sync(
+    scan: Scan,
+    states: dict[str, DocState],
+    seen: set[str],
+    protected: list[str],
+    store: ChunkStore,
+    journal: RemovalJournal,
+    report: JobReport,
+) -> None:
+    """Delete stored documents the scan covered but did not find; skipped files are kept."""
+
+    def is_protected(source: str) -> bool:
+        return any(source == p or source.startswith((p + "/", p + "#")) for p in protected)
+
+    gone = sorted(
+        d
+        for d, st in states.items()
+        if d not in seen and scan.covers(st.source) and not is_protected(st.source)
+    )
+    if not gone:
+        return
+    removed = [c for d in gone for c in states[d].chunk_ids]
+    journal.record(removed)
+    store.delete_docs(gone)
+    report.deleted += gone
+    report.removed_chunk_ids += removed
+
+
+def _should_compact(store: ChunkStore, report: JobReport, settings: IngestSettings) -> bool:
+    changed = report.chunks_written + len(report.removed_chunk_ids)
+    if not changed:
+        return False
+    fragments = store.table.stats()["fragment_stats"]["num_fragments"]
+    return changed >= settings.compact_after_rows or fragments >= settings.compact_after_fragments
+
+
+@contextmanager
+def _job_lock(db_dir: Path, table: str) -> Iterator[None]:
+    """One writer per table. flock is released by the kernel when the holder dies, even by SIGKILL."""
+    path = db_dir / f".{table}.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StoreError(
+                f"another ingest job is writing table {table!r} in {db_dir}",
+                hint="wait for it to finish, or ingest into another --table",
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
