@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ragcache  # noqa: E402,F401  (optimized BLAS under MLX before mlx loads)
+import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx loads)
 import mlx.core as mx  # noqa: E402
 from mlx_lm import stream_generate  # noqa: E402
 

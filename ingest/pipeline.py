@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ingest.chunker import Tokens
 from ingest.documents import Skipped
@@ -77,7 +78,7 @@ def run_job(
     embedder = embedder or SentenceTransformerEmbedder(settings.embedder)
     # The identity comes from the tokenizer files; the tokenizer itself loads only if needed.
     folder = None if tokens is not None else tokenizer_folder(spec.generator, home)
-    tok_id = tokens.identity if tokens is not None else folder_tokenizer_identity(folder)
+    tok_id = tokens.identity if tokens is not None else folder_tokenizer_identity(folder)  # type: ignore[arg-type]
     pipeline_id = _pipeline_id(settings, tok_id, embedder.identity)
     if spec.db_dir.exists() and not spec.db_dir.is_dir():
         raise StoreError(
@@ -215,6 +216,8 @@ def _consume(
         for item in producer.drain():
             if item is END:
                 break
+            kind: str
+            payload: Any
             kind, payload = item  # type: ignore[misc]
             if kind == "error":
                 raise payload

@@ -115,7 +115,9 @@ def run_doctor(settings: Settings) -> DoctorReport:
         report.fixes.append("check OPENBLAS_CORETYPE, and that nothing else loads a BLAS first")
     if not prepared:
         report.problems.append(f"model {name!r} is not prepared at {path}")
-        report.fixes.append(f"ragcache model prepare {name}" + (f" --quant {quant}" if quant != "none" else ""))
+        report.fixes.append(
+            f"ragcache model prepare {name}" + (f" --quant {quant}" if quant != "none" else "")
+        )
     if report.free_memory_bytes and report.free_memory_bytes < 2 << 30:
         report.problems.append(f"only {report.free_memory_bytes >> 20} MiB of memory free")
         report.fixes.append("close other programs or lower the cache budget")

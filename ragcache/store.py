@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -125,6 +126,18 @@ def chunk_schema(dim: int, embedder_id: str) -> pa.Schema:
     )
 
 
+def forget_shadowing_datasets() -> None:
+    """Drop a namespace package named `datasets` (this repository's datasets/ folder, when the
+    working directory is on sys.path) from sys.modules.
+
+    transformers imports it while probing for Hugging Face `datasets`; LanceDB then sees the name
+    in sys.modules and fails importing `datasets.Dataset` on every write.
+    """
+    module = sys.modules.get("datasets")
+    if module is not None and getattr(module, "__file__", None) is None:
+        del sys.modules["datasets"]
+
+
 def tokenizer_identity(folder: Path) -> str:
     """A short hash of a model folder's tokenizer files: stored token ids are valid only under it."""
     digest = hashlib.sha256()
@@ -198,6 +211,7 @@ class ChunkStore:
         """
         if not doc_ids:
             return
+        forget_shadowing_datasets()
         (
             self.table.merge_insert("chunk_id")
             .when_matched_update_all()
@@ -263,7 +277,7 @@ class ChunkStore:
         if not text.strip():
             return []
         query = (
-            self.table.search(MatchQuery(text, "text"), query_type="fts")
+            self.table.search(MatchQuery(text, "text"), query_type="fts")  # type: ignore[call-arg]
             .select([*_HIT_COLUMNS, "_score"])
             .limit(k)
         )

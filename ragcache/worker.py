@@ -134,11 +134,24 @@ class Ticket:
             yield item
 
     async def aevents(self) -> AsyncIterator[Event]:
-        """The same stream for async code; leaving it early (client gone) cancels the request."""
+        """The same stream for async code; leaving it early (client gone) cancels the request.
+
+        Polls with a short backoff instead of parking a thread per stream: a hundred waiting
+        clients would otherwise hold a hundred threads of anyio's shared pool.
+        """
         finished = False
+        delay = 0.001
         try:
             while True:
-                item = await anyio.to_thread.run_sync(self._next, None, abandon_on_cancel=True)
+                try:
+                    item = self._events.get_nowait()
+                except queue.Empty:
+                    await anyio.sleep(delay)
+                    delay = min(0.02, delay * 2)
+                    continue
+                delay = 0.001
+                if isinstance(item, BaseException):
+                    raise item
                 if item is _DONE:
                     finished = True
                     return
@@ -417,9 +430,7 @@ class ModelWorker:
                 removed = self._generator().remove([req.uid], return_prompt_caches=True)
                 self._finish(req, "cancelled", removed.get(req.uid, (None,))[0])
 
-    def _finish(
-        self, req: _Request, reason: str, cache: Any, prefill_only: bool = False
-    ) -> None:
+    def _finish(self, req: _Request, reason: str, cache: Any, prefill_only: bool = False) -> None:
         tail = req.stopper.flush() if reason != "stop" else ""
         if tail:
             req.text.append(tail)

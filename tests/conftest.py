@@ -17,6 +17,15 @@ def _load_tiny(factory: pytest.TempPathFactory, name: str, spec: TinySpec) -> Lo
     return load_model(str(folder), root / "home")
 
 
+@pytest.fixture(autouse=True)
+def _no_shadowing_datasets_module() -> None:
+    """The repo's datasets/ folder shadows Hugging Face `datasets` when the root is on sys.path
+    (as pytest puts it); see ragcache.store.forget_shadowing_datasets."""
+    from ragcache.store import forget_shadowing_datasets
+
+    forget_shadowing_datasets()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A 3-layer llama with plain attention: every layer's cache can be cut back to any length."""

@@ -110,5 +110,7 @@ def test_same_chunks_give_the_same_prompt_prefix(request: list[str]) -> None:
     guard), so the next request with that set finds it cached."""
     tree = tree_with([])
     a = order_chunks(chunks(request), "cache", tree.root, SYSTEM, seg_of, keep_top_at_edge=False)
-    b = order_chunks(chunks(request[::-1]), "cache", tree.root, SYSTEM, seg_of, keep_top_at_edge=False)
+    b = order_chunks(
+        chunks(request[::-1]), "cache", tree.root, SYSTEM, seg_of, keep_top_at_edge=False
+    )
     assert prompt_tokens(a.chunk_ids) == prompt_tokens(b.chunk_ids)

@@ -46,11 +46,16 @@ def test_main_job_runs_on_the_embedded_defaults() -> None:
     """The README's main job, as written: ingest the bundled corpus, answer with sources."""
     main_job = three_commands()[1]
     ingest, ask = (part.strip() for part in main_job.split("&&"))
-    done = subprocess.run(shlex.split(ingest), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(
+        shlex.split(ingest), cwd=ROOT, capture_output=True, text=True, timeout=1500
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     answer = subprocess.run(
         [*shlex.split(ask), "--json", "--max-tokens", "32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert answer.returncode == 0, answer.stderr[-2000:]
     result = json.loads(answer.stdout.strip().splitlines()[-1])

@@ -35,7 +35,7 @@ def load(content: str, ref: FileRef, fingerprint: str) -> list[Document]:
     for node in root.css(_NOISE):
         node.decompose()
     for node in root.css(_HEADINGS):
-        level = int(node.tag[1])
+        level = int((node.tag or "h6")[1])
         text = " ".join(node.text(deep=True, separator=" ").split())
         node.replace_with(f"\n\x01{level}\x02{text}\x03\n")
     for node in root.css(_BLOCKS):

@@ -28,7 +28,8 @@ def load(data: bytes, ref: FileRef, fingerprint: str) -> list[Document]:
             text = page.extract_text() or ""
             if text.strip():
                 sections.append(Section((f"page {number}",), text))
-        title = str((reader.metadata or {}).get("/Title") or "") if reader.metadata else ""
+        metadata: dict = dict(reader.metadata or {})
+        title = str(metadata.get("/Title") or "")
     except SkipFile:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, OSError, IndexError) as exc:

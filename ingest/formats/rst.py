@@ -68,7 +68,7 @@ def find_headings(lines: list[str]) -> list[Heading]:
 
 def _is_under(line: str, over: re.Match[str]) -> bool:
     under = _ADORNMENT.match(line)
-    return bool(under) and under.group(1) == over.group(1)
+    return under is not None and under.group(1) == over.group(1)
 
 
 def clean_inline(line: str) -> str:

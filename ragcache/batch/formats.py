@@ -116,7 +116,7 @@ def parse_line(text: str, line: int) -> BatchRequest:
             question = _text(users[-1].get("content")) if users else ""
         else:
             prompt = body.get("prompt")
-            question = prompt[0] if isinstance(prompt, list) and prompt else prompt
+            question = prompt[0] if isinstance(prompt, list) and prompt else prompt  # type: ignore[assignment]
         if not isinstance(question, str) or not question.strip():
             raise _LineError("no question: 'body' needs a user message or a 'prompt'", id)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))

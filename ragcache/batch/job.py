@@ -276,7 +276,7 @@ class BatchJob:
             item = items[slot.index]
             shared = item.shared_tokens(slot.shared_segments)
             worth = slot.leader is not None and shared >= self.settings.wait_min_tokens
-            wait_for.append(position[slot.leader] if worth else None)
+            wait_for.append(position[slot.leader] if worth and slot.leader is not None else None)
             ordered.append(replace(item, wait_tokens=shared if worth else 0))
         bar = self._progress(len(ordered))
         with self._lock:

@@ -1,0 +1,34 @@
+"""Optional bearer-token auth on every path but /health."""
+
+from __future__ import annotations
+
+import hmac
+
+from litestar.enums import ScopeType
+from litestar.exceptions import NotAuthorizedException
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+
+class BearerAuthMiddleware(ASGIMiddleware):
+    """Refuses requests whose `Authorization: Bearer <key>` is missing or wrong (401)."""
+
+    scopes = (ScopeType.HTTP,)
+    exclude_path_pattern = ("^/health$",)
+
+    def __init__(self, api_key: str) -> None:
+        self._key = api_key.encode()
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        header = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.partition(b" ")
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            raise NotAuthorizedException(
+                "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        await next_app(scope, receive, send)

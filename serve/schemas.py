@@ -1,0 +1,247 @@
+"""Wire types of the API (msgspec Structs): Litestar validates requests against them and publishes
+them in the OpenAPI schema. Static bounds here keep absurd values out; the limits an operator
+configures (max_tokens, k, prompt tokens) are checked by the handlers and answered with 422/413."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+StopString = Annotated[str, Meta(min_length=1, max_length=200)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
+K = Annotated[int, Meta(ge=1, le=1000)]
+Order = Literal["cache", "relevance", "canonical"]
+Where = Annotated[str, Meta(min_length=1, max_length=2000)]
+
+
+class _Wire(Struct, kw_only=True):
+    pass
+
+
+# -- shared ------------------------------------------------------------------------------------
+class PromptTokensDetails(_Wire, kw_only=True):
+    cached_tokens: int  # prompt tokens restored from the KV cache instead of computed
+
+
+class Usage(_Wire, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class SourceOut(_Wire, kw_only=True):
+    number: int  # the [n] the answer cites
+    chunk_id: str
+    doc_id: str
+    source: str
+    title: str
+    heading_path: list[str]
+    position: int
+    score: float
+
+
+# -- OpenAI-compatible ---------------------------------------------------------------------------
+class TextPart(_Wire, kw_only=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Wire, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    # A list of text parts keeps each part its own cache segment (e.g. one per document).
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Wire, kw_only=True):
+    include_usage: bool = False
+
+
+class RetrievalOptions(_Wire, kw_only=True):
+    """Extension: answer the last user message from the store, with citations."""
+
+    k: K | None = None
+    order: Order | None = None
+    where: Where | None = None
+
+
+class ChatCompletionRequest(_Wire, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=512)]
+    model: str = ""
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    retrieval: RetrievalOptions | None = None
+
+
+class CompletionRequest(_Wire, kw_only=True):
+    prompt: Annotated[str, Meta(min_length=1)]
+    model: str = ""
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class AssistantMessage(_Wire, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Wire, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(_Wire, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    # Extension, with `retrieval`: the numbered sources of the prompt and the numbers cited.
+    sources: list[SourceOut] | None = None
+    citations: list[int] | None = None
+
+
+class CompletionChoice(_Wire, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class TextCompletion(_Wire, kw_only=True):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(_Wire, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ragcache"
+
+
+class ModelList(_Wire, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- /v1/ask -------------------------------------------------------------------------------------
+class AskRequest(_Wire, kw_only=True):
+    question: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    k: K | None = None
+    order: Order | None = None
+    where: Where | None = None
+    stream: bool = True
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+
+
+class AskUsage(_Wire, kw_only=True):
+    prompt_tokens: int
+    cached_tokens: int
+    recomputed_tokens: int
+    completion_tokens: int
+    ttft_s: float  # request arrival to first token, retrieval included
+
+
+class AskAnswer(_Wire, kw_only=True):
+    answer: str
+    citations: list[int]  # source numbers the answer cites, in order of first citation
+    sources: list[SourceOut]  # in prompt order
+    order: str
+    finish_reason: str
+    usage: AskUsage
+    figures: dict[str, Any]  # the core's figures: retrieval_ms, prefill/decode tok/s, ...
+
+
+# -- documents -----------------------------------------------------------------------------------
+class DocumentText(_Wire, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]  # a file name: notes.md, faq.txt
+    text: str
+
+
+class DocumentsUpload(_Wire, kw_only=True):
+    documents: Annotated[list[DocumentText], Meta(min_length=1, max_length=100)]
+
+
+class SkippedOut(_Wire, kw_only=True):
+    path: str
+    reason: str
+
+
+class IngestResult(_Wire, kw_only=True):
+    documents: list[str]  # ids of the documents this upload names
+    added: list[str]
+    updated: list[str]
+    unchanged: int
+    skipped: list[SkippedOut]
+    chunks_written: int
+    total_chunks: int
+    kv_nodes_dropped: int  # cache entries that held replaced chunks
+    elapsed_s: float
+
+
+class DocumentInfo(_Wire, kw_only=True):
+    id: str
+    source: str
+    chunks: int
+
+
+class DocumentList(_Wire, kw_only=True):
+    documents: list[DocumentInfo]
+    total: int
+
+
+class DeletedDocument(_Wire, kw_only=True):
+    id: str
+    chunks_deleted: int
+    kv_nodes_dropped: int
+    file_removed: bool
+
+
+# -- cache, health -------------------------------------------------------------------------------
+class CacheFigures(_Wire, kw_only=True):
+    stats: dict[str, Any] | None  # None when the cache is off
+    queue_depth: int
+    in_flight: int
+    active: int
+
+
+class Health(_Wire, kw_only=True):
+    status: str
+
+
+class Readiness(_Wire, kw_only=True):
+    ready: bool
+    model: str | None = None
+    chunks: int | None = None
+    reason: str | None = None

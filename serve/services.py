@@ -1,0 +1,166 @@
+"""What the app holds while it runs: the answering stack, the model worker, and how they load.
+
+`AppState` is created by `create_app` and handed to handlers by dependency injection. Loading runs
+on its own thread so the server answers /health (and /ready with 503) while the model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+from litestar.di import NamedDependency
+
+from ragcache.cache import CacheSettings
+from ragcache.embedder import SentenceTransformerEmbedder
+from ragcache.retrieve import RetrievalSettings
+from ragcache.settings import Settings
+from ragcache.stack import Stack, StackOptions, build_stack
+from ragcache.store import StoreSettings, open_store
+from ragcache.worker import ModelWorker, WorkerSettings
+from serve.errors import ServiceNotReadyError
+from serve.metrics import Metrics
+from serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Services:
+    """The loaded parts. The worker owns MLX and the cache; everything else is shared read-only."""
+
+    stack: Stack
+    worker: ModelWorker
+    model_id: str
+    db_dir: Path
+    uploads_dir: Path
+    max_prompt_tokens: int
+    default_max_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def close(self, timeout_s: float) -> None:
+        """Let in-flight requests finish (up to `timeout_s`), then flush the KV disk tier."""
+        self.worker.stop(timeout_s)
+        self.stack.close()
+
+
+def build_services(settings: ServeSettings, core: Settings) -> Services:
+    """Load the model and open (or create) the store, then start the worker.
+
+    Raises the stack's errors: ModelNotFoundError, StoreError, ConfigError.
+    """
+    db_dir = settings.resolved_db_dir(core.home)
+    _ensure_table(db_dir, settings.table)
+    cache_settings = CacheSettings()
+    if settings.cache_bytes is not None:
+        cache_settings = replace(cache_settings, cache_bytes=settings.cache_bytes)
+    options = StackOptions(
+        db_dir=db_dir,
+        table=settings.table,
+        model=settings.model,
+        cache=settings.cache,
+        cache_dir=settings.cache_dir,
+        cache_settings=cache_settings.validate(),
+        retrieval=RetrievalSettings(max_k=settings.max_k),
+    )
+    stack = build_stack(core, options)
+    worker = ModelWorker(
+        stack.engine, WorkerSettings(max_queue=settings.max_queue, max_batch=settings.max_batch)
+    )
+    worker.start()
+    context = stack.loaded.context_length
+    uploads = settings.resolved_uploads_dir(core.home)
+    uploads.mkdir(parents=True, exist_ok=True)
+    return Services(
+        stack=stack,
+        worker=worker,
+        model_id=stack.loaded.name,
+        db_dir=db_dir,
+        uploads_dir=uploads,
+        max_prompt_tokens=min(settings.max_prompt_tokens or context, context),
+        default_max_tokens=min(
+            settings.default_max_tokens or core.generation.max_tokens, settings.max_tokens
+        ),
+    )
+
+
+def _ensure_table(db_dir: Path, table: str) -> None:
+    # A fresh server starts with an empty table, so documents can be uploaded before any ingest.
+    embedder = SentenceTransformerEmbedder()  # lazy: dim and identity come from its files
+    db_dir.mkdir(parents=True, exist_ok=True)
+    open_store(db_dir, StoreSettings(table=table), dim=embedder.dim, embedder_id=embedder.identity)
+
+
+class AppState:
+    """Everything one app instance holds; the single value handlers get through DI."""
+
+    def __init__(
+        self, settings: ServeSettings, core: Settings, services: Services | None = None
+    ) -> None:
+        self.settings = settings
+        self.core = core
+        self.metrics = Metrics()
+        self._services = services
+        self.load_error: str | None = None
+        self._loader: threading.Thread | None = None
+        self.prepare_limiter: anyio.CapacityLimiter | None = None  # made inside the event loop
+        self.ingest_lock: anyio.Lock | None = None
+
+    @property
+    def services(self) -> Services:
+        """The loaded services. Raises ServiceNotReadyError (503) while loading or after a failure."""
+        if self._services is None:
+            if self.load_error:
+                raise ServiceNotReadyError(f"the service failed to load: {self.load_error}")
+            raise ServiceNotReadyError(
+                "the model and store are still loading", hint="retry shortly"
+            )
+        return self._services
+
+    @property
+    def ready(self) -> bool:
+        return self._services is not None
+
+    def start(self) -> None:
+        """Called by the lifespan inside the event loop: make async primitives, start loading."""
+        self.prepare_limiter = anyio.CapacityLimiter(self.settings.prepare_threads)
+        self.ingest_lock = anyio.Lock()
+        if self._services is None:
+            self._loader = threading.Thread(target=self._load, name="ragcache-load", daemon=True)
+            self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            self._services = build_services(self.settings, self.core)
+            log.info("ready: %s", self._services.model_id)
+        except Exception as exc:  # reported by /ready; the server stays up to say why
+            log.exception("loading failed")
+            self.load_error = str(exc)
+
+    def close(self) -> None:
+        """Called by the lifespan on shutdown (off the event loop): wait for loading, stop the worker."""
+        if self._loader is not None:
+            self._loader.join()
+        if self._services is not None:
+            self._services.close(self.settings.shutdown_timeout_s)
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """Run blocking work (retrieval, store reads) on a worker thread, a few at a time."""
+        return await anyio.to_thread.run_sync(fn, limiter=self.prepare_limiter)
+
+    async def on_worker(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model worker's thread (it owns the cache), between its steps."""
+        worker = self.services.worker
+        return await anyio.to_thread.run_sync(worker.call, fn, limiter=self.prepare_limiter)
+
+
+# What handlers declare to receive the app's state and the loaded services by injection.
+AppStateDep = NamedDependency[AppState]
+ServicesDep = NamedDependency[Services]

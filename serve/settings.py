@@ -1,0 +1,58 @@
+"""Settings of the HTTP service: one frozen dataclass with defaults (the CLI flags override them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ragcache.errors import ConfigError
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"  # loopback: exposing the service is a deliberate choice
+    port: int = 8000
+    db_dir: Path | None = None  # default: HOME/db
+    table: str = "chunks"
+    model: str | None = None  # default: the configured model
+    cache: bool = True
+    cache_dir: Path | None = None  # KV disk tier; default HOME/kv
+    cache_bytes: int | None = None  # RAM budget of the KV cache; default a quarter of free memory
+    uploads_dir: Path | None = None  # uploaded files; default beside the db: DB-uploads
+    api_key: str | None = None  # bearer token required on everything but /health when set
+    cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are listed
+    max_body_bytes: int = 1 * MIB  # JSON requests
+    max_upload_bytes: int = 16 * MIB  # POST /v1/documents (the ingest job's own file limit)
+    max_prompt_tokens: int | None = None  # default: the model's context window
+    max_tokens: int = 2048  # the most a request may ask to generate
+    default_max_tokens: int | None = None  # default: settings.generation.max_tokens
+    max_k: int = 20  # chunks a request may retrieve
+    max_question_chars: int = 4000
+    prepare_threads: int = 4  # retrieval + prompt assembly run beside the worker, this many at once
+    shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
+    # The model worker's (ragcache.worker.WorkerSettings), kept here so the CLI need not import MLX.
+    max_queue: int = 64  # requests waiting or running; beyond that: 429 with Retry-After
+    max_batch: int = 8  # sequences decoded together
+
+    def validate(self) -> ServeSettings:
+        """Raise ConfigError on values the service cannot use; return self."""
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ConfigError(
+                "the API key is shorter than 8 characters", hint="use a long random one"
+            )
+        positive = ("max_body_bytes", "max_upload_bytes", "max_tokens", "max_k", "prepare_threads")
+        for name in (*positive, "max_queue", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    def resolved_db_dir(self, home: Path) -> Path:
+        return self.db_dir or home / "db"
+
+    def resolved_uploads_dir(self, home: Path) -> Path:
+        db = self.resolved_db_dir(home)
+        return self.uploads_dir or db.parent / f"{db.name}-uploads"

@@ -1,0 +1,91 @@
+"""POST /v1/ask on a real server: the SSE stream, the JSON answer, and its 4xx answers."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.serve.server import ServerThread
+from tests.serve.sse import SSEEvent, parse_sse
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerThread) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, headers=server.headers, timeout=60)
+
+
+def ask_stream(http: httpx.Client, body: dict) -> list[SSEEvent]:
+    with http.stream("POST", "/v1/ask", json=body) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return list(parse_sse(r.iter_lines()))
+
+
+def test_sse_stream_sends_sources_tokens_then_done(http: httpx.Client) -> None:
+    events = ask_stream(http, {"question": "What does a cache keep?", "k": 3, "max_tokens": 12})
+    kinds = [e.event for e in events]
+    assert kinds[0] == "sources" and kinds[-1] == "done"
+    assert set(kinds[1:-1]) <= {"token"}
+    sources = events[0].json()["sources"]
+    assert [s["number"] for s in sources] == [1, 2, 3]
+    done = events[-1].json()
+    assert "".join(e.json()["text"] for e in events if e.event == "token") == done["answer"]
+    assert [s["chunk_id"] for s in done["sources"]] == [s["chunk_id"] for s in sources]
+    usage = done["usage"]
+    assert usage["prompt_tokens"] == usage["cached_tokens"] + usage["recomputed_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 12 and usage["ttft_s"] > 0
+    assert done["figures"]["retrieval_ms"] > 0
+
+
+def test_repeated_question_restores_its_prompt_from_the_cache(http: httpx.Client) -> None:
+    body = {"question": "How are embeddings compared?", "stream": False, "max_tokens": 6}
+    first = http.post("/v1/ask", json=body).json()
+    again = http.post("/v1/ask", json=body).json()
+    assert again["answer"] == first["answer"]
+    assert again["usage"]["cached_tokens"] >= again["usage"]["prompt_tokens"] - 1
+    assert again["usage"]["cached_tokens"] > first["usage"]["cached_tokens"]
+
+
+def test_orders_and_where_filter(http: httpx.Client) -> None:
+    for order in ("relevance", "canonical", "cache"):
+        out = http.post(
+            "/v1/ask",
+            json={"question": "storage", "order": order, "stream": False, "max_tokens": 2},
+        )
+        assert out.status_code == 200 and out.json()["order"] == order
+    only = http.post(
+        "/v1/ask",
+        json={
+            "question": "storage",
+            "where": "doc_id = 'doc002.md'",
+            "stream": False,
+            "max_tokens": 2,
+        },
+    ).json()
+    assert {s["doc_id"] for s in only["sources"]} == {"doc002.md"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"question": ""}, 422, "question"),
+        ({"question": "x", "k": 9}, 422, "at most 8"),
+        ({"question": "x", "max_tokens": 65}, 422, "at most 64"),
+        ({"question": "x", "order": "random"}, 422, "order"),
+        ({"question": "x", "where": "no such column = 1"}, 400, "where filter"),
+        ({"question": "x", "stop": [""]}, 422, "stop"),
+        ({"question": 3}, 422, "question"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(
+    http: httpx.Client, body: dict, status: int, needle: str
+) -> None:
+    r = http.post("/v1/ask", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in (error["message"] + str(error["details"])), error
+
+
+def test_malformed_json_is_400(http: httpx.Client) -> None:
+    r = http.post("/v1/ask", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
