@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from litestar import Litestar
+from litestar import Controller, Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -16,7 +16,7 @@ from litestar.types import Message, Scope
 from ragcache.settings import Settings, load_settings
 from serve.auth import BearerAuthMiddleware
 from serve.errors import EXCEPTION_HANDLERS
-from serve.routes import CONTROLLERS, DocumentsController
+from serve.routes import CONTROLLERS, BatchesController, DocumentsController
 from serve.services import AppState, Services
 from serve.settings import ServeSettings
 
@@ -53,12 +53,12 @@ def create_app(
     def provide_services() -> Services:
         return state.services
 
-    documents = type(
-        "DocumentsController",
-        (DocumentsController,),
-        {"request_max_body_size": settings.max_upload_bytes},
-    )
-    handlers = [documents if c is DocumentsController else c for c in CONTROLLERS]
+    # The upload endpoints take files up to the upload limit; everything else the body limit.
+    uploads: dict[type[Controller], type[Controller]] = {
+        c: type(c.__name__, (c,), {"request_max_body_size": settings.max_upload_bytes})
+        for c in (DocumentsController, BatchesController)
+    }
+    handlers = [uploads.get(c, c) for c in CONTROLLERS]
     middleware = [BearerAuthMiddleware(settings.api_key)] if settings.api_key else []
     return Litestar(
         route_handlers=handlers,

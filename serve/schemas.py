@@ -245,3 +245,34 @@ class Readiness(_Wire, kw_only=True):
     model: str | None = None
     chunks: int | None = None
     reason: str | None = None
+
+
+# -- batches -------------------------------------------------------------------------------------
+class BatchDocument(_Wire, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    text: str
+
+
+class BatchCreate(_Wire, kw_only=True):
+    # One object per line of a batch file: {"id": "q1", "question": "..."} or the OpenAI Batch
+    # API shape. A malformed entry becomes an error line in the output, not a rejected upload.
+    questions: Annotated[list[Any], Meta(max_length=100_000)]
+    # Given: long-context mode (the documents are the shared prefix); absent: RAG over the store.
+    docs: Annotated[list[str | BatchDocument], Meta(max_length=100)] | None = None
+    max_tokens: MaxTokens | None = None
+    k: K | None = None
+    order: Order | None = None
+
+
+class BatchOut(_Wire, kw_only=True):
+    id: str
+    object: Literal["batch"] = "batch"
+    status: str  # pending, running, completed, cancelled, failed
+    mode: str  # rag or long_context
+    created_at: int
+    progress: dict[str, Any]  # counts, tokens, elapsed and ETA (ragcache.batch.BatchStatus)
+
+
+class BatchList(_Wire, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]

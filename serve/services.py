@@ -24,6 +24,7 @@ from ragcache.settings import Settings
 from ragcache.stack import Stack, StackOptions, build_stack
 from ragcache.store import StoreSettings, open_store
 from ragcache.worker import ModelWorker, WorkerSettings
+from serve.batches import BatchManager
 from serve.errors import ServiceNotReadyError
 from serve.metrics import Metrics
 from serve.settings import ServeSettings
@@ -112,6 +113,7 @@ class AppState:
         self._loader: threading.Thread | None = None
         self.prepare_limiter: anyio.CapacityLimiter | None = None  # made inside the event loop
         self.ingest_lock: anyio.Lock | None = None
+        self.batches = BatchManager(settings.resolved_batches_dir(core.home), settings)
 
     @property
     def services(self) -> Services:
@@ -145,10 +147,13 @@ class AppState:
             self.load_error = str(exc)
 
     def close(self) -> None:
-        """Called by the lifespan on shutdown (off the event loop): wait for loading, stop the worker."""
+        """Called by the lifespan on shutdown (off the event loop): wait for loading, cancel the
+        batch jobs, stop the worker."""
         if self._loader is not None:
             self._loader.join()
         if self._services is not None:
+            # Batch jobs first: cancelled, they stop submitting before the worker drains.
+            self.batches.close(self.settings.shutdown_timeout_s)
             self._services.close(self.settings.shutdown_timeout_s)
 
     async def off_loop(self, fn: Callable[[], T]) -> T:

@@ -21,10 +21,11 @@ class ServeSettings:
     cache_dir: Path | None = None  # KV disk tier; default HOME/kv
     cache_bytes: int | None = None  # RAM budget of the KV cache; default a quarter of free memory
     uploads_dir: Path | None = None  # uploaded files; default beside the db: DB-uploads
+    batches_dir: Path | None = None  # one folder per batch job; default HOME/batches
     api_key: str | None = None  # bearer token required on everything but /health when set
     cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are listed
     max_body_bytes: int = 1 * MIB  # JSON requests
-    max_upload_bytes: int = 16 * MIB  # POST /v1/documents (the ingest job's own file limit)
+    max_upload_bytes: int = 16 * MIB  # POST /v1/documents and /v1/batches
     max_prompt_tokens: int | None = None  # default: the model's context window
     max_tokens: int = 2048  # the most a request may ask to generate
     default_max_tokens: int | None = None  # default: settings.generation.max_tokens
@@ -52,6 +53,9 @@ class ServeSettings:
 
     def resolved_db_dir(self, home: Path) -> Path:
         return self.db_dir or home / "db"
+
+    def resolved_batches_dir(self, home: Path) -> Path:
+        return self.batches_dir or home / "batches"
 
     def resolved_uploads_dir(self, home: Path) -> Path:
         db = self.resolved_db_dir(home)

@@ -1,10 +1,11 @@
-"""One controller per concern. The batches endpoints (issue 7) add their controller to CONTROLLERS."""
+"""One controller per concern."""
 
 from __future__ import annotations
 
 from litestar import Controller
 
 from serve.routes.ask import AskController
+from serve.routes.batches import BatchesController
 from serve.routes.cache import CacheController
 from serve.routes.documents import DocumentsController
 from serve.routes.health import HealthController
@@ -16,6 +17,7 @@ CONTROLLERS: list[type[Controller]] = [
     OpenAIController,
     DocumentsController,
     CacheController,
+    BatchesController,
 ]
 
-__all__ = ["CONTROLLERS", "DocumentsController"]
+__all__ = ["CONTROLLERS", "BatchesController", "DocumentsController"]

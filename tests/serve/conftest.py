@@ -48,6 +48,7 @@ def tiny_settings(
         cache_dir=tmp / "kv",
         cache_bytes=64 << 20,
         uploads_dir=tmp / "uploads",
+        batches_dir=tmp / "batches",
         api_key=API_KEY,
         max_tokens=64,
         default_max_tokens=16,
