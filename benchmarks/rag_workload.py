@@ -63,7 +63,9 @@ def build_store(home: Path, model: str) -> Path:
     from ingest.pipeline import JobSpec, run_job
 
     db = WORK / "db"
-    report = run_job(JobSpec(paths=(str(load_dataset().corpus_dir),), db_dir=db, generator=model), home)
+    report = run_job(
+        JobSpec(paths=(str(load_dataset().corpus_dir),), db_dir=db, generator=model), home
+    )
     print(f"store: {report.total_chunks} chunks ({report.elapsed_s:.0f} s)", flush=True)
     return db
 
@@ -90,7 +92,11 @@ def oracle_reuse(answerer: Answerer, prepared, tree) -> int:
     return best
 
 
-def run_order(loaded, retriever: Retriever, order: str, stream: list, oracle: bool) -> dict:
+def run_order(
+    loaded, retriever: Retriever, order: str, stream: list, oracle: bool, beside=None
+) -> dict:
+    """Run the stream with one chunk order and a fresh, unbounded cache. `beside(i, q)` runs
+    after each request: the mlx_lm.server baseline, interleaved so both see the same load."""
     cache = PrefixCache(loaded, CacheSettings(cache_bytes=16 << 30, disk_dir=None))
     engine = Engine(loaded, cache=cache)
     answerer = Answerer(engine, retriever, AnswerSettings(order=order))
@@ -116,6 +122,8 @@ def run_order(loaded, retriever: Retriever, order: str, stream: list, oracle: bo
                 "wall_s": time.perf_counter() - t0,
             }
         )
+        if beside is not None:
+            beside(len(rows) - 1, q)
     total = time.perf_counter() - start_all
     ttfts = [r["ttft_s"] for r in rows]
     prompt = sum(r["prompt_tokens"] for r in rows)
@@ -141,47 +149,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlx_lm_server_ttfts(model_path: Path, prompts: list[str]) -> list[float]:
-    """TTFT of mlx_lm.server (default prompt cache on) for each prompt, streamed, max_tokens 1.
+class MlxLmServer:
+    """mlx_lm.server on 127.0.0.1 (its default prompt cache on), measured by streamed TTFT.
 
     Started through `import ragcache` so it gets the same OpenBLAS as we do: a fair fight.
     """
-    port = free_port()
-    code = "import sys, ragcache; from mlx_lm.server import main; sys.exit(main())"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "--model", str(model_path), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 120
+
+    def __init__(self, model_path: Path) -> None:
+        self.port = free_port()
+        code = "import sys, ragcache; from mlx_lm.server import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "--model",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("GET", "/v1/models")
                 if conn.getresponse().status == 200:
-                    break
+                    return
             except OSError:
                 time.sleep(0.5)
-        else:
-            raise RuntimeError("mlx_lm.server did not start")
-        out = []
-        for text in prompts:
-            body = json.dumps({"prompt": text, "max_tokens": 1, "stream": True, "temperature": 0})
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            first = None
-            for line in resp:
-                if line.startswith(b"data:") and first is None:
-                    first = time.perf_counter() - t0
-            out.append(first if first is not None else time.perf_counter() - t0)
-            conn.close()
-        return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        self.close()
+        raise RuntimeError("mlx_lm.server did not start")
+
+    def ttft(self, text: str) -> float:
+        body = json.dumps({"prompt": text, "max_tokens": 1, "stream": True, "temperature": 0})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        first = None
+        for line in conn.getresponse():
+            if line.startswith(b"data:") and first is None:
+                first = time.perf_counter() - t0
+        conn.close()
+        return first if first is not None else time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def measured_rates(loaded) -> tuple[float, float]:
@@ -233,11 +253,15 @@ def quality(loaded, answerer: Answerer, retriever, cases: list, questions: list,
                 ids_c = tok.encode(" " + cand, add_special_tokens=False)[:48]
                 x = mx.array(ids_c[:-1])[None]
                 out_logits = model(x, cache=cache) if len(ids_c) > 1 else None
-                all_logits = logits if out_logits is None else mx.concatenate(
-                    [logits[:, None, :], out_logits], axis=1
-                )[0]
+                all_logits = (
+                    logits
+                    if out_logits is None
+                    else mx.concatenate([logits[:, None, :], out_logits], axis=1)[0]
+                )
                 lp = all_logits - mx.logsumexp(all_logits, axis=-1, keepdims=True)
-                picked = mx.take_along_axis(lp.reshape(-1, lp.shape[-1]), mx.array(ids_c)[:, None], axis=-1)
+                picked = mx.take_along_axis(
+                    lp.reshape(-1, lp.shape[-1]), mx.array(ids_c)[:, None], axis=-1
+                )
                 scores.append(picked.mean().item())
                 for c in cache:
                     c.trim(c.offset - n)
@@ -283,8 +307,13 @@ def plot(result: dict, path: Path) -> None:
     x = range(len(names))
     for off, key in ((-0.25, "ttft_mean_s"), (0, "ttft_p50_s"), (0.25, "ttft_p90_s")):
         axes[1].bar([i + off for i in x], [v[key] for v in s], 0.25, label=key)
-    axes[1].bar(len(names), result["mlx_lm_server"]["ttft_mean_s"], 0.25, color="tab:red",
-                label="mlx_lm.server mean")
+    axes[1].bar(
+        len(names),
+        result["mlx_lm_server"]["ttft_mean_s"],
+        0.25,
+        color="tab:red",
+        label="mlx_lm.server mean",
+    )
     axes[1].set_xticks([*x, len(names)], [*names, "mlx_lm.server"])
     axes[1].set_title("time to first token (s)")
     axes[1].legend(fontsize=8)
@@ -322,15 +351,42 @@ def main() -> None:
     result: dict = {
         "machine": machine(),
         "model": args.model,
-        "settings": {**vars(args), "k": 5, "paraphrases": 0,
-                     "note": "the labelled set has no paraphrases, so the stream has none"},
+        "settings": {
+            **vars(args),
+            "k": 5,
+            "paraphrases": 0,
+            "note": "the labelled set has no paraphrases, so the stream has none",
+        },
         "distinct_questions": len({q.id for q in stream}),
         "orders": {},
     }
+    # mlx_lm.server gets the prompts a naive app sends: relevance order, as text; its requests
+    # interleave with the `cache` run's so both see the same machine load.
+    naive = Answerer(Engine(loaded), retriever, AnswerSettings(order="relevance"))
+    n_server = args.server_requests or len(stream)
+    server_ttfts: list[float] = []
+    server = MlxLmServer(loaded.path)
+
+    def beside(i: int, q: LabelledQuestion) -> None:
+        if i < n_server:
+            prepared = naive.prepare(q.question, 5, "relevance")
+            text = loaded.tokenizer.decode(prepared.prompt.tokens)
+            server_ttfts.append(prepared.retrieval_ms / 1000 + server.ttft(text))
+
     runs = {}
-    for order in ORDERS:
-        runs[order] = run_order(loaded, retriever, order, stream, oracle=(order == "cache"))
-        result["orders"][order] = runs[order]["summary"]
+    try:
+        for order in ORDERS:
+            runs[order] = run_order(
+                loaded,
+                retriever,
+                order,
+                stream,
+                oracle=(order == "cache"),
+                beside=beside if order == "cache" else None,
+            )
+            result["orders"][order] = runs[order]["summary"]
+    finally:
+        server.close()
     rows = runs["cache"]["rows"]
     reused = sum(r["cached_tokens"] for r in rows)
     oracle = sum(r["oracle_tokens"] for r in rows)
@@ -345,19 +401,17 @@ def main() -> None:
         r["retrieval_ms"] / 1000 + (r["prompt_tokens"] - r["oracle_tokens"]) / prefill_tps + step_s
         for r in rows
     ]
-    result["floor"] = {"prefill_tps": round(prefill_tps, 1), "decode_step_s": round(step_s, 4),
-                       "mean_floor_s": round(statistics.mean(floors), 4)}
-    result["ttft_vs_floor"] = round(result["orders"]["cache"]["ttft_mean_s"] / statistics.mean(floors), 4)
+    result["floor"] = {
+        "prefill_tps": round(prefill_tps, 1),
+        "decode_step_s": round(step_s, 4),
+        "mean_floor_s": round(statistics.mean(floors), 4),
+    }
+    result["ttft_vs_floor"] = round(
+        result["orders"]["cache"]["ttft_mean_s"] / statistics.mean(floors), 4
+    )
 
-    # mlx_lm.server gets the prompts a naive app sends: relevance order, as text.
-    answerer = Answerer(Engine(loaded), retriever, AnswerSettings(order="relevance"))
-    n_server = args.server_requests or len(stream)
-    texts, retrieval_s = [], []
-    for q in stream[:n_server]:
-        prepared = answerer.prepare(q.question, 5, "relevance")
-        texts.append(loaded.tokenizer.decode(prepared.prompt.tokens))
-        retrieval_s.append(prepared.retrieval_ms / 1000)
-    server = [t + r for t, r in zip(mlx_lm_server_ttfts(loaded.path, texts), retrieval_s, strict=True)]
+    server = server_ttfts
+    answerer = naive
     ours = [r["ttft_s"] for r in rows[:n_server]]
     result["mlx_lm_server"] = {
         "requests": n_server,
@@ -365,7 +419,9 @@ def main() -> None:
         "ttft_p50_s": round(pct(server, 0.5), 4),
         "ours_ttft_mean_s": round(statistics.mean(ours), 4),
     }
-    result["ttft_ratio_vs_mlx_lm_server"] = round(statistics.mean(ours) / statistics.mean(server), 4)
+    result["ttft_ratio_vs_mlx_lm_server"] = round(
+        statistics.mean(ours) / statistics.mean(server), 4
+    )
     print("mlx_lm.server", result["mlx_lm_server"], flush=True)
 
     # Quality: the distinct questions of the stream, with the order `cache` gave them there.

@@ -18,7 +18,9 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def pip(*args: str) -> int:
-    return subprocess.call([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q", *args])
+    return subprocess.call(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q", *args]
+    )
 
 
 def find_links_dirs() -> list[Path]:
