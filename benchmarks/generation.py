@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 import sys
 import time
@@ -21,7 +22,7 @@ import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx lo
 import mlx.core as mx  # noqa: E402
 from mlx_lm import stream_generate  # noqa: E402
 
-from benchmarks.common import machine, median, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, median, write_results  # noqa: E402
 from ragcache.doctor import measure_gemm_gflops  # noqa: E402
 from ragcache.engine import Completion, Engine  # noqa: E402
 from ragcache.model_loader import LoadedModel, load_model  # noqa: E402
@@ -179,9 +180,18 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--quant-model", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--quant-only", action="store_true", help="redo the quantization table, keep the rest"
+    )
     args = parser.parse_args()
 
     settings = load_settings()
+    if args.quant_only:
+        result = json.loads((RESULTS / "generation.json").read_text())
+        result["quantization"] = quant_table(args.quant_model, 256, 16)
+        result["quantization_measured"] = machine()
+        finish(result)
+        return
     result: dict = {"machine": machine(), "settings": vars(args)}
     result["blas_gflops"] = round(median([measure_gemm_gflops() for _ in range(3)]), 1)
     print("blas_gflops", result["blas_gflops"], flush=True)
@@ -197,6 +207,13 @@ def main() -> None:
     result["decode_ratio"] = min(r["decode_ratio"] for r in rows)
     result["quantization_model"] = args.quant_model
     result["quantization"] = quant_table(args.quant_model, 256, 16)
+    finish(result)
+
+
+def finish(result: dict) -> None:
+    rows = result["engine_vs_raw"]
+    result["prefill_ratio_median"] = round(median([r["prefill_ratio"] for r in rows]), 3)
+    result["decode_ratio_median"] = round(median([r["decode_ratio"] for r in rows]), 3)
     by_quant = {r["quant"]: r for r in result["quantization"]}
     result["nvfp4_ppl_ratio"] = round(
         by_quant["nvfp4"]["perplexity"] / by_quant["none"]["perplexity"], 4

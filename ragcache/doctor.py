@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -11,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ragcache.blas import blas_status
+from ragcache.cache.settings import available_memory_bytes as free_memory_bytes
 from ragcache.embedded_models import EMBEDDED_MODELS
 from ragcache.model_prepare import is_complete, prepared_path
 from ragcache.settings import Settings
@@ -45,21 +45,6 @@ def _pkg_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "not installed"
-
-
-def free_memory_bytes() -> int:
-    """Memory available to new allocations (MemAvailable on Linux, physical pages elsewhere)."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
 
 
 def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:

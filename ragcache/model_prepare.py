@@ -79,12 +79,23 @@ def prepared_path(home: Path, name: str, quant: str = "none") -> Path:
     return home / "models" / (name if quant == "none" else f"{name}-{quant}")
 
 
-def is_complete(folder: Path) -> bool:
+def recipe(q: QuantMode) -> str:
+    """What a folder's weights were made with; a folder made by another recipe is rebuilt."""
+    if q.mode is None:
+        return "float32"
+    embed = "-embed8" if q.bits == 4 else ""
+    return f"{q.mode}{q.bits}-g{q.group_size}{embed}"
+
+
+def is_complete(folder: Path, quant: str | None = None) -> bool:
+    """A finished folder of this format version (and, given `quant`, of its current recipe)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("format_version") == FORMAT_VERSION
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    return quant is None or manifest.get("recipe", "float32") == recipe(QUANT_MODES[quant])
 
 
 def sha256_file(path: Path) -> str:
@@ -104,11 +115,11 @@ def prepare_model(name: str, home: Path, quant: str = "none") -> PreparedModel:
     spec = embedded_model(name)
     q = quant_mode(quant)
     target = prepared_path(home, name, quant)
-    if is_complete(target):
+    if is_complete(target, quant):
         return PreparedModel(name, quant, target, _manifest(target)["source_sha256"], 0.0)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target.with_name(target.name + ".lock")):
-        if is_complete(target):  # another process finished it while we waited
+        if is_complete(target, quant):  # another process finished it while we waited
             return PreparedModel(name, quant, target, _manifest(target)["source_sha256"], 0.0)
         start = time.perf_counter()
         if q.mode is None:
@@ -247,6 +258,7 @@ def _write_manifest(folder: Path, name: str, quant: str, sha: str) -> None:
         "format_version": FORMAT_VERSION,
         "name": name,
         "quant": quant,
+        "recipe": recipe(QUANT_MODES[quant]),
         "source_sha256": sha,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

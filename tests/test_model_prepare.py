@@ -61,6 +61,8 @@ def test_folder_without_manifest_is_not_complete(tmp_path: Path) -> None:
     assert not is_complete(folder)  # what a crash mid-copy would leave
     (folder / MANIFEST).write_text(json.dumps({"format_version": 0}))
     assert not is_complete(folder)  # made by an older ragcache: rebuilt
+    (folder / MANIFEST).write_text(json.dumps({"format_version": 1, "recipe": "nvfp44-g16"}))
+    assert is_complete(folder) and not is_complete(folder, "nvfp4")  # another quant recipe
 
 
 def test_rope_parameters_are_lifted_for_mlx_lm(tmp_path: Path) -> None:
