@@ -84,7 +84,7 @@ def recipe(q: QuantMode) -> str:
     if q.mode is None:
         return "float32"
     embed = "-embed8" if q.bits == 4 else ""
-    return f"{q.mode}{q.bits}-g{q.group_size}{embed}"
+    return f"{q.mode}-{q.bits}bit-g{q.group_size}{embed}"
 
 
 def is_complete(folder: Path, quant: str | None = None) -> bool:
@@ -246,6 +246,7 @@ def _quantize(source: Path, target: Path, q: QuantMode, sha: str) -> None:
             q_bits=q.bits,
             q_group_size=q.group_size,
             dtype="float32",
+            quant_predicate=_keep_embeddings_8bit if q.bits == 4 else None,
         )
         (tmp / MANIFEST).unlink(missing_ok=True)  # copied from the source folder by convert
         _write_manifest(tmp, target.name, q.name, sha)

@@ -118,6 +118,8 @@ def test_quantized_variants_load_and_generate(home: Path, quant: str) -> None:
     assert config["quantization"]["mode"] == ("affine" if quant == "affine4" else "nvfp4")
     loaded = load_model("smollm2-135m-instruct", home, quant)
     assert loaded.quantization.startswith(config["quantization"]["mode"])
+    # The embedding (also the output layer) stays at 8 bits.
+    assert config["quantization"]["model.embed_tokens"]["bits"] == 8
     prompt = encode_segments(loaded.tokenizer, ["The capital of France is"])
     done = Engine(loaded).generate(prompt, SamplingParams(max_tokens=4))
     assert done.stats.generated_tokens >= 1
