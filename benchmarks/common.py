@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,23 @@ def machine() -> dict[str, Any]:
         "blas_core": blas_status().core_type,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def mlx_lm_server_command(model_path: Path, port: int) -> list[str]:
+    """mlx_lm.server on 127.0.0.1, started through `import ragcache` so it gets the same
+    OpenBLAS under MLX as ragcache does: baselines must not run on the reference BLAS."""
+    code = "import sys, ragcache; from mlx_lm.server import main; sys.exit(main())"
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "--model",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:

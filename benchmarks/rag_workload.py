@@ -41,7 +41,7 @@ import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx lo
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import machine, mlx_lm_server_command, write_results  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
 from ragcache.cache import CacheSettings, PrefixCache  # noqa: E402
 from ragcache.datasets import LabelledQuestion, load_dataset  # noqa: E402
@@ -157,21 +157,8 @@ class MlxLmServer:
 
     def __init__(self, model_path: Path) -> None:
         self.port = free_port()
-        code = "import sys, ragcache; from mlx_lm.server import main; sys.exit(main())"
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                code,
-                "--model",
-                str(model_path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "WARNING",
-            ],
+            [*mlx_lm_server_command(model_path, self.port), "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx loads)
 import httpx  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, mlx_lm_server_command, write_results  # noqa: E402
 from benchmarks.rag_workload import zipf_stream  # noqa: E402  (the ask issue's stream)
 from ingest.pipeline import JobSpec, run_job  # noqa: E402
 from ragcache.datasets import load_dataset  # noqa: E402
@@ -265,18 +265,8 @@ def main() -> None:
 
     # 2. mlx_lm.server: the same stream, relevance-ordered prompts.
     model_path = resolve_model_path(MODEL, core.home)
-    # Through `import ragcache`, so mlx_lm.server gets the same OpenBLAS under MLX as we do.
-    code = "import sys, ragcache; from mlx_lm.server import main; sys.exit(main())"
-    mlx_cmd = [
-        sys.executable,
-        "-c",
-        code,
-        "--model",
-        str(model_path),
-        "--host",
-        "127.0.0.1",
-    ]
-    mlx_cmd += ["--port", str(port), "--prompt-cache-size", "10", "--temp", "0.0"]
+    mlx_cmd = mlx_lm_server_command(model_path, port)
+    mlx_cmd += ["--prompt-cache-size", "10", "--temp", "0.0"]
     proc = start(mlx_cmd, port, work / "mlx_lm.log")
     try:
         theirs = []

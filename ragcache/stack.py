@@ -5,7 +5,7 @@ The CLI, the HTTP service and batch jobs all start here, so each gets the same w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ragcache.answer import Answerer, AnswerSettings
@@ -56,8 +56,6 @@ def build_cache(
         return None
     cache_settings = options.cache_settings
     if not options.cache_dir_off and cache_settings.disk_dir is None:
-        from dataclasses import replace
-
         cache_settings = replace(cache_settings, disk_dir=options.cache_dir or settings.home / "kv")
     return PrefixCache(loaded, cache_settings)
 
