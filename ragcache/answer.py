@@ -1,7 +1,8 @@
-"""Answering: retrieve -> order -> assemble -> generate (with the prefix cache) -> cite.
+"""Answering: retrieve -> order -> assemble -> generate (with the prefix cache) -> check -> cite.
 
-`Answerer.ask` streams AnswerEvent records: the sources first, then text deltas, then the final
-answer with citations and figures. A `Conversation` carries earlier turns, so a follow-up question
+`Answerer.ask` streams AnswerEvent records: the sources first, then text deltas (when the model
+runs), then the final answer: checked against the sources (`ragcache.answer_policy`), with a quote
+for every citation, or a decline. A `Conversation` carries earlier turns, so a follow-up question
 extends the conversation's own path in the cache tree instead of starting over.
 """
 
@@ -11,12 +12,24 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ragcache.engine import Completion, Engine, TextDelta
+import numpy as np
+
+from ragcache.answer_policy import (
+    ANSWER_MODES,
+    AnswerPolicySettings,
+    CheckedAnswer,
+    decide,
+    needs_generation,
+)
+from ragcache.attribution import attribute
+from ragcache.engine import Completion, Engine, GenerationStats, TextDelta
 from ragcache.errors import InvalidRequestError
+from ragcache.evidence import EvidenceIndex, Passage, Quote, memoized
+from ragcache.extract import Extraction, extract_answer
 from ragcache.order import ORDERS, RankedChunk, order_chunks
-from ragcache.rag_prompt import PromptBuilder, SourceChunk, Turn
+from ragcache.rag_prompt import BASE_STOPS, PromptBuilder, SourceChunk, Turn
 from ragcache.retrieve import Retriever
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
@@ -29,6 +42,8 @@ _CITATION = re.compile(r"\[(\d{1,2})\]")
 class AnswerSettings:
     order: str = "cache"
     keep_top_at_edge: bool = True  # the lost-in-the-middle guard of ragcache.order
+    max_tokens: int = 64  # answers are a sentence or two; the loop guard ends them earlier
+    policy: AnswerPolicySettings = field(default_factory=AnswerPolicySettings)
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,9 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     turn_chunks: list[list[SourceChunk]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
+    passages: list[Passage] = field(
+        default_factory=list
+    )  # earlier turns' evidence, still in context
 
 
 @dataclass(frozen=True)
@@ -79,12 +97,31 @@ class SourcesEvent:
 
 
 @dataclass(frozen=True)
+class Citation:
+    """One cited sentence of the answer and the passage span that supports it."""
+
+    sentence: int  # index of the answer sentence it supports
+    source: Source
+    quote: Quote
+
+    def as_dict(self) -> dict:
+        return {"sentence": self.sentence, "chunk_id": self.source.chunk_id, **self.quote.as_dict()}
+
+
+@dataclass(frozen=True)
 class AnswerDone:
-    text: str
+    text: str  # what the user reads (checked); the model's own text is `completion.text`
     citations: list[Source]  # sources the answer cites, in order of first citation
     sources: list[Source]
     figures: Figures
-    completion: Completion
+    completion: Completion  # empty (no tokens) when the answer was quoted or declined unrun
+    method: str = "generated"  # "generated", "extracted" or "declined"
+    quotes: list[Citation] = field(default_factory=list)
+    confidence: float = 0.0
+
+    @property
+    def declined(self) -> bool:
+        return self.method == "declined"
 
 
 AnswerEvent = SourcesEvent | TextDelta | AnswerDone
@@ -102,6 +139,10 @@ class PreparedQuestion:
     conversation: Conversation
     retrieval_ms: float
     order_ms: float
+    mode: str = "auto"
+    evidence: EvidenceIndex | None = None
+    extraction: Extraction | None = None
+    generate: bool = True  # False: the answer is a quote or a decline, the model need not run
 
 
 def cited(text: str, sources: Sequence[Source]) -> list[Source]:
@@ -124,8 +165,10 @@ class Answerer:
         self.retriever = retriever
         self.settings = settings or AnswerSettings()
         loaded = engine.loaded
-        self.builder = PromptBuilder(loaded.tokenizer, loaded.chat)
+        self.builder = PromptBuilder(loaded.tokenizer, loaded.chat, family=loaded.family)
         self.tokenizer_id = tokenizer_identity(loaded.path) if loaded.path else ""
+        embedder = getattr(retriever, "embedder", None)
+        self.embed = memoized(embedder.embed) if embedder is not None else None
 
     def _source_chunk(self, hit: SearchHit) -> SourceChunk:
         ids = hit.token_ids
@@ -142,15 +185,23 @@ class Answerer:
         order: str | None = None,
         where: str | None = None,
         conversation: Conversation | None = None,
+        mode: str | None = None,
     ) -> PreparedQuestion:
-        """Retrieve, order and assemble; no generation. Thread-safe besides the conversation.
+        """Retrieve, order, assemble and find the evidence; no generation. Thread-safe besides
+        the conversation.
 
-        Raises InvalidRequestError (empty question, k, order, empty store), PromptTooLongError.
+        Raises InvalidRequestError (empty question, k, order, mode, empty store),
+        PromptTooLongError.
         """
         order = order or self.settings.order
         if order not in ORDERS:
             raise InvalidRequestError(
                 f"unknown order {order!r}", hint="one of: " + ", ".join(ORDERS)
+            )
+        mode = mode or self.settings.policy.mode
+        if mode not in ANSWER_MODES:
+            raise InvalidRequestError(
+                f"unknown answer mode {mode!r}", hint="one of: " + ", ".join(ANSWER_MODES)
             )
         conversation = conversation if conversation is not None else Conversation()
         retrieval = self.retriever.retrieve(question, k, where)
@@ -199,6 +250,19 @@ class Answerer:
                     h.score,
                 )
             )
+        rank = {h.chunk_id: i for i, h in enumerate(retrieval.hits)}
+        passages = [Passage(s.number, s.chunk_id, s.title, by_id[s.chunk_id].text) for s in sources]
+        # A follow-up may be answered by an earlier turn's sources: they are still in the prompt.
+        earlier = conversation.passages
+        evidence = EvidenceIndex(
+            [*earlier, *passages],
+            self.embed,
+            ranks=[len(rank) + i for i in range(len(earlier))]
+            + [rank[s.chunk_id] for s in sources],
+        )
+        extraction = extract_answer(
+            question, evidence, self.settings.policy.extract, _unit(retrieval.query_vector)
+        )
         return PreparedQuestion(
             question,
             order,
@@ -208,17 +272,43 @@ class Answerer:
             conversation,
             retrieval.retrieval_ms,
             order_ms,
+            mode,
+            evidence,
+            extraction,
+            needs_generation(mode, extraction, self.settings.policy),
         )
 
     def complete(
-        self, prepared: PreparedQuestion, completion: Completion, started: float
+        self, prepared: PreparedQuestion, completion: Completion | None, started: float
     ) -> AnswerDone:
-        """Record the turn in the conversation and build the final answer record."""
+        """Check the answer against the sources, record the turn in the conversation and build
+        the final answer record. `completion` is None when the model did not run."""
+        policy = self.settings.policy
+        attributed = None
+        if completion is not None and prepared.evidence is not None:
+            attributed = attribute(
+                completion.text, prepared.evidence, policy.attribution, self.embed
+            )
+        checked = decide(
+            prepared.mode,
+            prepared.extraction,
+            attributed,
+            policy,
+            completion.text if completion is not None else "",
+        )
+        if completion is None:
+            completion = _unrun(prepared, checked, started)
         conversation = prepared.conversation
         all_sources = conversation.sources + prepared.sources
-        conversation.turns.append(Turn(prepared.question, completion.tokens))
+        # The conversation goes on from what the model said when it ran (its tokens are cached).
+        answer_tokens = completion.tokens or self.engine.loaded.tokenizer.encode(
+            checked.text, add_special_tokens=False
+        )
+        conversation.turns.append(Turn(prepared.question, answer_tokens))
         conversation.turn_chunks.append(prepared.chunks)
         conversation.sources.extend(prepared.sources)
+        if prepared.evidence is not None:
+            conversation.passages = list(prepared.evidence.passages)
         s = completion.stats
         figures = Figures(
             retrieval_ms=round(prepared.retrieval_ms, 2),
@@ -233,12 +323,21 @@ class Answerer:
             total_s=round(time.perf_counter() - started, 3),
             finish_reason=s.finish_reason,
         )
+        by_number = {x.number: x for x in all_sources}
+        quotes = [
+            Citation(i, by_number[q.number], q)
+            for i, q in enumerate(checked.quotes)
+            if q.number in by_number
+        ]
         return AnswerDone(
-            completion.text,
-            cited(completion.text, all_sources),
+            checked.text,
+            cited(checked.text, all_sources),
             prepared.sources,
             figures,
             completion,
+            checked.method,
+            quotes,
+            round(checked.confidence, 4),
         )
 
     def ask(
@@ -250,19 +349,39 @@ class Answerer:
         where: str | None = None,
         conversation: Conversation | None = None,
         cancel: threading.Event | None = None,
+        mode: str | None = None,
     ) -> Iterator[AnswerEvent]:
         """Stream the answer to `question` with this thread running the engine.
 
         Raises what `prepare` raises before yielding anything.
         """
         started = time.perf_counter()
-        prepared = self.prepare(question, k, order, where, conversation)
+        prepared = self.prepare(question, k, order, where, conversation, mode)
         yield SourcesEvent(prepared.sources, prepared.order)
         completion: Completion | None = None
-        for event in self.engine.stream(prepared.prompt, params, cancel):
-            if isinstance(event, Completion):
-                completion = event
-            else:
-                yield event
-        assert completion is not None
+        if prepared.generate:
+            params = params or SamplingParams(max_tokens=self.settings.max_tokens)
+            if not self.engine.loaded.chat and not params.stop:
+                params = replace(params, stop=BASE_STOPS)
+            for event in self.engine.stream(prepared.prompt, params, cancel):
+                if isinstance(event, Completion):
+                    completion = event
+                else:
+                    yield event
+            assert completion is not None
         yield self.complete(prepared, completion, started)
+
+
+def _unit(vector: np.ndarray | None) -> np.ndarray | None:
+    if vector is None:
+        return None
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else None
+
+
+def _unrun(prepared: PreparedQuestion, checked: CheckedAnswer, started: float) -> Completion:
+    """The record of a generation that did not run: nothing computed, nothing cached."""
+    elapsed = time.perf_counter() - started
+    reason = "declined" if checked.declined else "extracted"
+    stats = GenerationStats(0, 0, 0, 0, elapsed, 0.0, 0.0, 0, reason)
+    return Completion("", [], stats)

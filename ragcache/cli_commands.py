@@ -6,11 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ragcache.embedded_models import DEFAULT_MODEL, EMBEDDED_MODELS
+from ragcache.answer_policy import ANSWER_MODES
+from ragcache.embedded_models import DEFAULT_MODEL, DEFAULT_SETUP_MODELS, EMBEDDED_MODELS
 from ragcache.model_prepare import QUANT_MODES, is_complete, prepare_model, prepared_path
 from ragcache.order import ORDERS
 from ragcache.settings import Settings
+
+if TYPE_CHECKING:
+    from ragcache.answer import AnswerDone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="convert an embedded GGUF to an MLX folder (once; later runs return at once)",
     )
     prep.add_argument("name", nargs="?", default=None, help=f"default: {DEFAULT_MODEL}")
-    prep.add_argument("--all", action="store_true", help="prepare every embedded model")
+    prep.add_argument(
+        "--all", action="store_true", help="prepare the models the set-up script installs"
+    )
     prep.add_argument("--quant", choices=list(QUANT_MODES), default=None)
     prep.set_defaults(func=cmd_model_prepare)
     lst = model_sub.add_parser("list", help="embedded models and whether they are prepared")
@@ -52,6 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--k", type=int, default=None, help="chunks to retrieve (default 5)")
     ask.add_argument("--order", choices=list(ORDERS), default="cache")
     ask.add_argument(
+        "--mode",
+        choices=list(ANSWER_MODES),
+        default=None,
+        help="auto (default): the model's answer when the sources support it, else a quote; "
+        "generate: the model's checked answer; extract: quote the passage",
+    )
+    ask.add_argument(
+        "--stream", action="store_true", help="also show the model's raw text as it is generated"
+    )
+    ask.add_argument(
         "--where", default=None, help="SQL filter on chunk columns, e.g. \"source LIKE '%%faq%%'\""
     )
     ask.add_argument("--model", default=None)
@@ -75,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
-    names = list(EMBEDDED_MODELS) if args.all else [args.name or settings.model.name]
+    names = list(DEFAULT_SETUP_MODELS) if args.all else [args.name or settings.model.name]
     quant = args.quant or settings.model.quant
     for name in names:
         prepared = prepare_model(name, settings.home, quant)
@@ -88,7 +105,7 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
     for name, spec in EMBEDDED_MODELS.items():
         ready = [q for q in QUANT_MODES if is_complete(prepared_path(settings.home, name, q))]
         mark = "*" if name == settings.model.name else " "
-        print(f"{mark} {name:24} {spec.description}; prepared: {', '.join(ready) or 'no'}")
+        print(f"{mark} {name:28} {spec.description}; prepared: {', '.join(ready) or 'no'}")
     return 0
 
 
@@ -160,44 +177,61 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         ),
     )
     conversation = Conversation()
-    params = SamplingParams(max_tokens=args.max_tokens or settings.generation.max_tokens)
+    max_tokens = args.max_tokens or stack.answerer.settings.max_tokens
+    params = SamplingParams(max_tokens=max_tokens)
     try:
         while question:
             for event in stack.answerer.ask(
-                question, args.k, args.order, params, args.where, conversation
+                question, args.k, args.order, params, args.where, conversation, mode=args.mode
             ):
-                if isinstance(event, SourcesEvent) or args.json:
-                    if isinstance(event, AnswerDone) and args.json:
-                        print(json.dumps(_answer_json(question, event)), flush=True)
-                    continue
                 if isinstance(event, AnswerDone):
-                    print("\n")
-                    for s in event.sources:
-                        mark = "*" if s in event.citations else " "
-                        where = " > ".join(s.heading_path)
-                        print(
-                            f"{mark}[{s.number}] {s.source}{' > ' + where if where else ''}  ({s.chunk_id})"
-                        )
-                    f = event.figures
-                    print(
-                        f"[retrieval {f.retrieval_ms:.0f} ms, prompt {f.prompt_tokens} tokens "
-                        f"({f.cached_tokens} cached, {f.recomputed_tokens} computed), ttft "
-                        f"{f.ttft_s:.2f} s, {f.decode_tps:.1f} tok/s]",
-                        file=sys.stderr,
-                    )
-                else:
-                    print(event.text, end="", flush=True)
+                    if args.json:
+                        print(json.dumps(_answer_json(question, event)), flush=True)
+                    else:
+                        _print_answer(event, streamed=args.stream)
+                elif isinstance(event, SourcesEvent) or args.json:
+                    continue
+                elif args.stream:
+                    print(event.text, end="", file=sys.stderr, flush=True)
             question = sys.stdin.readline().strip() if args.interactive else ""
     finally:
         stack.close()
     return 0
 
 
-def _answer_json(question: str, done) -> dict:
+def _print_answer(done: AnswerDone, streamed: bool) -> None:
+    """The checked answer, then each citation's quote, then the sources (cited ones starred)."""
+    if streamed:
+        print(file=sys.stderr)
+    print(done.text)
+    if done.quotes:
+        print()
+    for c in done.quotes:
+        quote = " ".join(c.quote.text.split())
+        print(f"  [{c.source.number}] \u201c{quote}\u201d")
+    print()
+    for s in done.sources:
+        mark = "*" if s in done.citations else " "
+        where = " > ".join(s.heading_path)
+        print(f"{mark}[{s.number}] {s.source}{' > ' + where if where else ''}  ({s.chunk_id})")
+    f = done.figures
+    print(
+        f"[{done.method}, retrieval {f.retrieval_ms:.0f} ms, prompt {f.prompt_tokens} tokens "
+        f"({f.cached_tokens} cached, {f.recomputed_tokens} computed), ttft "
+        f"{f.ttft_s:.2f} s, {f.decode_tps:.1f} tok/s, {f.finish_reason}, {f.total_s:.2f} s]",
+        file=sys.stderr,
+    )
+
+
+def _answer_json(question: str, done: AnswerDone) -> dict:
     return {
         "question": question,
         "answer": done.text,
+        "method": done.method,
+        "confidence": done.confidence,
         "citations": [s.number for s in done.citations],
+        "quotes": [c.as_dict() for c in done.quotes],
+        "model_text": done.completion.text,
         "sources": [s.as_dict() for s in done.sources],
         "figures": done.figures.__dict__,
     }

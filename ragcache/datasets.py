@@ -2,6 +2,10 @@
 
 `python_docs` (see datasets/README.md): Python 3.11 documentation sources, PSF License, with 171
 FAQ questions whose gold document holds the answer passage.
+`git_docs`: Git 2.39's manual pages, GPL-2.0, with 199 questions whose gold answer is short (a
+command, an option, a default value) and whose `evidence` is the gold page's sentence stating it.
+`unanswerable_questions.jsonl`: questions that one of those corpora does not answer, for checking
+that an answerer says so instead of inventing an answer.
 """
 
 from __future__ import annotations
@@ -25,8 +29,18 @@ class LabelledQuestion:
     id: str
     question: str
     gold_doc_id: str  # the doc id `ragcache ingest <corpus_dir>` gives the answer's document
-    answer: str  # a short gold answer: the first sentence or two of the gold passage
-    section: str  # where the question sat in the FAQ
+    answer: str  # a short gold answer (python_docs: the first sentence or two of the gold passage)
+    section: str  # where the question sat in the FAQ, or its kind (git_docs: command, option, ...)
+    aliases: tuple[str, ...] = ()  # other acceptable forms of `answer` ("git-bisect", "bisect")
+    evidence: str = ""  # a sentence of the gold document, verbatim, that states the answer
+
+
+@dataclass(frozen=True)
+class UnanswerableQuestion:
+    id: str
+    question: str
+    store: str  # the dataset (corpus) that does not hold the answer: "git_docs" or "python_docs"
+    section: str  # what kind of near miss it is
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,30 @@ def load_dataset(name: str = "python_docs", root: Path | None = None) -> Dataset
             hint=f"regenerate it: python datasets/build_{name}.py",
         )
     questions = tuple(
-        LabelledQuestion(**json.loads(line))
+        _labelled(json.loads(line))
         for line in questions_path.read_text(encoding="utf-8").splitlines()
         if line.strip()
     )
     return Dataset(name=name, corpus_dir=corpus, questions=questions)
+
+
+def load_unanswerable(root: Path | None = None) -> tuple[UnanswerableQuestion, ...]:
+    """Load the questions whose answer is not in their named store (unanswerable_questions.jsonl).
+    Raises DatasetNotFoundError when the file is missing."""
+    path = (root or datasets_dir()) / "unanswerable_questions.jsonl"
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{path.name} not found under {path.parent}",
+            hint="it is written by hand: restore it from the repository",
+        )
+    return tuple(
+        UnanswerableQuestion(**json.loads(line))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    )
+
+
+def _labelled(row: dict) -> LabelledQuestion:
+    """One question-file line as a LabelledQuestion: `aliases` comes as a JSON list, or not at
+    all (python_docs), and becomes a tuple."""
+    return LabelledQuestion(**{**row, "aliases": tuple(row.get("aliases", ()))})

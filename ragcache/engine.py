@@ -21,6 +21,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ragcache.errors import PromptTooLongError
+from ragcache.loop_guard import LoopGuard
 from ragcache.model_loader import LoadedModel
 from ragcache.sampling import SamplingParams, StopMatcher
 from ragcache.segments import SegmentedPrompt
@@ -52,7 +53,7 @@ class GenerationStats:
     prefill_s: float
     decode_s: float
     peak_memory_bytes: int
-    finish_reason: str  # "stop" (eos or stop string), "length", "cancelled"
+    finish_reason: str  # "stop" (eos or stop string), "length", "loop", "cancelled"
 
     @property
     def prefill_tps(self) -> float:
@@ -183,6 +184,7 @@ class Engine:
         seen: list[int] = []  # every token fed back to the model, eos included
         text_parts: list[str] = []
         stopper = StopMatcher(params.stop)
+        guard = LoopGuard() if params.stop_loops else None
         detok = self.loaded.tokenizer.detokenizer
         detok.reset()
         eos = self.loaded.eos_token_ids
@@ -216,6 +218,9 @@ class Engine:
                 if hit:
                     finish_reason = "stop"
                     break
+                if guard is not None and guard.feed(token):
+                    finish_reason = "loop"
+                    break
                 if cancel is not None and cancel.is_set():
                     finish_reason = "cancelled"
                     break
@@ -240,7 +245,11 @@ class Engine:
             # yielded; its offset says exactly which tokens it covers.
             session.finish((list(tokens) + seen)[: _cache_offset(prompt_cache)])
         stats = self._stats(tokens, start, generated, timer, ttft_s, decode_s, finish_reason)
-        yield Completion("".join(text_parts), generated, stats, session.lookup if session else None)
+        text = "".join(text_parts)
+        if finish_reason == "loop" and guard is not None:  # keep the first copy, drop repeats
+            generated = generated[: guard.keep_tokens]
+            text = self.loaded.tokenizer.decode(generated)
+        yield Completion(text, generated, stats, session.lookup if session else None)
 
     def _prefill(
         self,

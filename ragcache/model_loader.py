@@ -33,6 +33,11 @@ class LoadedModel:
     def eos_token_ids(self) -> set[int]:
         return set(self.tokenizer.eos_token_ids)
 
+    @property
+    def family(self) -> str:
+        """The architecture name mlx-lm gives the model ("llama", "qwen2", "gemma3_text")."""
+        return str(getattr(self.model, "model_type", "") or "")
+
 
 def resolve_model_path(spec: str, home: Path, quant: str = "none") -> Path | str:
     """Map a spec to a folder (embedded names are prepared on first use) or return a hub id as is."""

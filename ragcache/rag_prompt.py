@@ -21,6 +21,16 @@ SYSTEM_INSTRUCTIONS = (
     "say you do not know."
 )
 
+# Repeated after the sources, right before the answer: small models follow the instruction they
+# read last, and the question segment is never cached, so saying it there costs no reuse.
+ANSWER_INSTRUCTIONS: dict[str, str] = {
+    "default": (
+        "Answer the question in one or two short sentences, using only the sources above. "
+        "End each sentence with the number of its source in brackets, like [1]. If the sources "
+        "do not answer the question, reply: The documents don't answer this."
+    ),
+}
+
 # A worked example for base models: the answer format is learnt from it, not from instructions.
 BASE_EXAMPLE = (
     f"{SYSTEM_INSTRUCTIONS}\n\n"
@@ -31,6 +41,10 @@ BASE_EXAMPLE = (
     "Answer: Black tea is fully oxidised, green tea is not [1].\n\n"
     "Sources:\n"
 )
+
+# A base model's answer ends where the worked example's does: at the blank line before the next
+# "Sources:" block it would go on to invent.
+BASE_STOPS = ("\n\n",)
 
 _SENTINEL = "\x1fRAGCACHE{}\x1f"
 
@@ -104,6 +118,11 @@ class PromptBuilder:
     tokenizer: Any
     chat: bool
     system: str = SYSTEM_INSTRUCTIONS
+    family: str = ""  # the model's architecture: picks its answer instructions
+
+    @property
+    def answer_instructions(self) -> str:
+        return ANSWER_INSTRUCTIONS.get(self.family, ANSWER_INSTRUCTIONS["default"])
 
     def system_segment(self) -> str:
         if not self.chat:
@@ -115,7 +134,7 @@ class PromptBuilder:
         if not self.chat:
             return f"Question: {question}\nAnswer:"
         glue = chat_frame(self.tokenizer, ("system", "user")).glue
-        return f"Question: {question}" + glue[2]
+        return f"Question: {question}\n\n{self.answer_instructions}" + glue[2]
 
     def segment_tokens(self, position: int, chunk: SourceChunk) -> list[int]:
         return chunk_segment(self.tokenizer, position, chunk)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from ragcache.embedder import Embedder
 from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.store import ChunkStore, SearchHit
@@ -23,6 +25,7 @@ class RetrievalSettings:
 class Retrieval:
     hits: list[SearchHit]
     retrieval_ms: float
+    query_vector: np.ndarray | None = None  # the question's embedding, when the mode made one
 
 
 class Retriever:
@@ -62,6 +65,7 @@ class Retriever:
             )
         start = time.perf_counter()
         mode = self.settings.mode
+        vector = None
         if mode == "fts":
             hits = self.store.search_text(question, k, where)
         else:
@@ -70,4 +74,4 @@ class Retriever:
                 hits = self.store.search_vector(vector, k, where)
             else:
                 hits = self.store.search_hybrid(question, vector, k, where)
-        return Retrieval(hits, (time.perf_counter() - start) * 1000)
+        return Retrieval(hits, (time.perf_counter() - start) * 1000, vector)

@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_loops: bool = True  # end (finish_reason "loop") when the text starts repeating itself
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequestError on out-of-range values; return self for chaining."""

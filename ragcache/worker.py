@@ -24,6 +24,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ragcache.engine import Completion, Engine, GenerationStats, TextDelta, _cache_offset
 from ragcache.errors import RagcacheError
+from ragcache.loop_guard import LoopGuard
 from ragcache.sampling import SamplingParams, StopMatcher, make_request_sampler
 from ragcache.segments import SegmentedPrompt
 
@@ -177,6 +178,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     stopper: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    guard: LoopGuard | None = None
     detok: Any = None
     first_token_at: float = 0.0
     prefill_done_at: float = 0.0
@@ -320,6 +322,7 @@ class ModelWorker:
             req.steps = engine.prefill_steps(tokens, req.start, req.prompt_cache, req.session)
             req.position = next(req.steps)
             req.stopper = StopMatcher(req.params.stop)
+            req.guard = LoopGuard() if req.params.stop_loops else None
             req.detok = engine.loaded.tokenizer.detokenizer
             self._active.append(req)
         except BaseException as exc:
@@ -412,6 +415,8 @@ class ModelWorker:
                 req.ticket._put(TextDelta(text, token))
             if hit:
                 reason = "stop"
+            elif reason is None and req.guard is not None and req.guard.feed(token):
+                reason = "loop"
         if reason is None and req.ticket.cancelled:
             reason = "cancelled"
         if reason is not None:
@@ -462,7 +467,11 @@ class ModelWorker:
             finish_reason=reason,
         )
         lookup = getattr(req.session, "lookup", None)
-        req.ticket._put(Completion("".join(req.text), list(req.generated), stats, lookup))
+        text, generated = "".join(req.text), list(req.generated)
+        if reason == "loop" and req.guard is not None:  # keep the first copy, drop repeats
+            generated = generated[: req.guard.keep_tokens]
+            text = self.engine.loaded.tokenizer.decode(generated)
+        req.ticket._put(Completion(text, generated, stats, lookup))
         req.ticket._put(_DONE)
         self._forget(req)
         self.completed += 1

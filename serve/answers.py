@@ -5,7 +5,7 @@ from __future__ import annotations
 from ragcache.answer import AnswerDone, Conversation, PreparedQuestion, Source
 from ragcache.errors import InvalidRequestError, RagcacheError
 from serve.errors import LimitExceededError
-from serve.schemas import AskAnswer, AskUsage, SourceOut
+from serve.schemas import AskAnswer, AskUsage, QuoteOut, SourceOut
 from serve.services import AppState, Services
 
 
@@ -17,6 +17,7 @@ async def prepare(
     order: str | None,
     where: str | None,
     conversation: Conversation | None = None,
+    mode: str | None = None,
 ) -> PreparedQuestion:
     """Retrieve, order and assemble the prompt on a thread. Raises LimitExceededError (422),
     InvalidRequestError (400: empty question or store, bad `where`), PromptTooLongError (413)."""
@@ -32,7 +33,7 @@ async def prepare(
 
     def run() -> PreparedQuestion:
         try:
-            return answerer.prepare(question, k, order, where, conversation)
+            return answerer.prepare(question, k, order, where, conversation, mode)
         except RagcacheError:
             raise
         except Exception as exc:  # LanceDB rejects a bad filter with assorted exception types
@@ -64,6 +65,11 @@ def answer_out(done: AnswerDone, order: str, ttft_s: float) -> AskAnswer:
     return AskAnswer(
         answer=done.text,
         citations=[s.number for s in done.citations],
+        quotes=[QuoteOut(**c.as_dict()) for c in done.quotes],
+        method=done.method,
+        declined=done.declined,
+        confidence=done.confidence,
+        model_text=done.completion.text,
         sources=[source_out(s) for s in done.sources],
         order=order,
         finish_reason=stats.finish_reason,

@@ -93,4 +93,5 @@ async def retrieval_prompt(
         options.order,
         options.where,
         conversation,
+        mode="generate",  # an OpenAI client reads the model's own text; citations are checked
     )

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ragcache.answer_policy import ANSWER_MODES
 from ragcache.errors import ConfigError
 from ragcache.settings import Settings
 from serve.settings import ServeSettings
@@ -46,6 +47,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-upload-mb", type=int, default=d.max_upload_bytes // (1 << 20))
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: model context")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap per request")
+    p.add_argument(
+        "--mode",
+        choices=list(ANSWER_MODES),
+        default=d.answer_mode,
+        help="default answer mode of /v1/ask (a request's `mode` overrides it)",
+    )
+    p.add_argument(
+        "--decline-below",
+        type=float,
+        default=None,
+        help="evidence score under which a question is declined (default: calibrated; 0: never)",
+    )
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="beyond: 429")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
@@ -77,6 +90,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         shutdown_timeout_s=args.shutdown_timeout,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        answer_mode=args.mode,
+        decline_below=args.decline_below,
     ).validate()
 
 

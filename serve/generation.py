@@ -34,6 +34,8 @@ class SamplingRequest:
     top_p: float | None = None
     seed: int | None = None
     stop: str | Sequence[str] | None = None
+    # Answers end when they start repeating; raw OpenAI-style generation gives what was asked.
+    stop_loops: bool = True
 
 
 def sampling_params(state: AppState, services: Services, req: SamplingRequest) -> SamplingParams:
@@ -54,6 +56,7 @@ def sampling_params(state: AppState, services: Services, req: SamplingRequest) -
         top_p=gen.top_p if req.top_p is None else req.top_p,
         seed=req.seed,
         stop=stop,
+        stop_loops=req.stop_loops,
     ).validate()
 
 

@@ -16,6 +16,7 @@ StopString = Annotated[str, Meta(min_length=1, max_length=200)]
 Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
 K = Annotated[int, Meta(ge=1, le=1000)]
 Order = Literal["cache", "relevance", "canonical"]
+AnswerMode = Literal["auto", "generate", "extract"]
 Where = Annotated[str, Meta(min_length=1, max_length=2000)]
 
 
@@ -156,6 +157,7 @@ class AskRequest(_Wire, kw_only=True):
     question: Annotated[str, Meta(min_length=1, max_length=100_000)]
     k: K | None = None
     order: Order | None = None
+    mode: AnswerMode | None = None  # auto: the model's answer if supported, else a quote
     where: Where | None = None
     stream: bool = True
     max_tokens: MaxTokens | None = None
@@ -173,12 +175,29 @@ class AskUsage(_Wire, kw_only=True):
     ttft_s: float  # request arrival to first token, retrieval included
 
 
+class QuoteOut(_Wire, kw_only=True):
+    """The passage span that supports one sentence of the answer."""
+
+    sentence: int  # index of the answer sentence
+    number: int  # the source's [n]
+    chunk_id: str
+    start: int  # character span in the chunk's text
+    end: int
+    quote: str
+    score: float
+
+
 class AskAnswer(_Wire, kw_only=True):
-    answer: str
+    answer: str  # checked against the sources: supported sentences with [n], a quote, or a decline
     citations: list[int]  # source numbers the answer cites, in order of first citation
+    quotes: list[QuoteOut]  # the evidence of each cited sentence
+    method: str  # "generated", "extracted" or "declined"
+    declined: bool
+    confidence: float  # the best evidence score for the question, in [0, 1]
+    model_text: str  # what the model generated, before checking ("" when it did not run)
     sources: list[SourceOut]  # in prompt order
     order: str
-    finish_reason: str
+    finish_reason: str  # stop, length, loop, cancelled; extracted/declined when no model ran
     usage: AskUsage
     figures: dict[str, Any]  # the core's figures: retrieval_ms, prefill/decode tok/s, ...
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 import anyio
 from litestar.di import NamedDependency
 
+from ragcache.answer import AnswerSettings
 from ragcache.cache import CacheSettings
 from ragcache.embedder import SentenceTransformerEmbedder
 from ragcache.retrieve import RetrievalSettings
@@ -52,6 +53,14 @@ class Services:
         self.stack.close()
 
 
+def _answer_settings(settings: ServeSettings) -> AnswerSettings:
+    answer = AnswerSettings()
+    policy = replace(answer.policy, mode=settings.answer_mode)
+    if settings.decline_below is not None:
+        policy = replace(policy, decline_below=settings.decline_below)
+    return replace(answer, policy=policy)
+
+
 def build_services(settings: ServeSettings, core: Settings) -> Services:
     """Load the model and open (or create) the store, then start the worker.
 
@@ -70,6 +79,7 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         cache_dir=settings.cache_dir,
         cache_settings=cache_settings.validate(),
         retrieval=RetrievalSettings(max_k=settings.max_k),
+        answer=_answer_settings(settings),
     )
     stack = build_stack(core, options)
     worker = ModelWorker(

@@ -30,6 +30,9 @@ class ServeSettings:
     max_tokens: int = 2048  # the most a request may ask to generate
     default_max_tokens: int | None = None  # default: settings.generation.max_tokens
     max_k: int = 20  # chunks a request may retrieve
+    answer_mode: str = "auto"  # a request's `mode` overrides it: auto, generate, extract
+    decline_below: float | None = None  # evidence score under which questions are declined;
+    # default: the calibrated AnswerPolicySettings value (0 never declines)
     max_question_chars: int = 4000
     prepare_threads: int = 4  # retrieval + prompt assembly run beside the worker, this many at once
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
@@ -38,6 +41,15 @@ class ServeSettings:
     max_batch: int = 8  # sequences decoded together
 
     def validate(self) -> ServeSettings:
+        from ragcache.answer_policy import ANSWER_MODES
+
+        if self.answer_mode not in ANSWER_MODES:
+            raise ConfigError(
+                f"unknown answer mode {self.answer_mode!r}",
+                hint="one of: " + ", ".join(ANSWER_MODES),
+            )
+        if self.decline_below is not None and not 0.0 <= self.decline_below <= 1.0:
+            raise ConfigError(f"decline_below must be in [0, 1], got {self.decline_below}")
         """Raise ConfigError on values the service cannot use; return self."""
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")

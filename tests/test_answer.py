@@ -13,6 +13,7 @@ import pytest
 
 from ingest.pipeline import JobSpec, run_job
 from ragcache.answer import AnswerDone, Answerer, AnswerSettings, Conversation, SourcesEvent
+from ragcache.answer_policy import ANSWER_MODES, DECLINE_TEXT, AnswerPolicySettings
 from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.embedder import SentenceTransformerEmbedder
 from ragcache.engine import Engine, TextDelta
@@ -53,10 +54,21 @@ def tiny_store(tmp_path_factory, tiny_llama: LoadedModel, embedder) -> Path:
     return db
 
 
-def _answerer(loaded: LoadedModel, db: Path, embedder, order: str = "cache") -> Answerer:
+# The tiny models write noise: these tests are about the engine path, so the model always runs.
+ALWAYS_GENERATE = AnswerPolicySettings(mode="generate", decline_below=0.0)
+
+
+def _answerer(
+    loaded: LoadedModel,
+    db: Path,
+    embedder,
+    order: str = "cache",
+    policy: AnswerPolicySettings = ALWAYS_GENERATE,
+) -> Answerer:
     cache = PrefixCache(loaded, CacheSettings(cache_bytes=1 << 28))
     retriever = Retriever(open_store(db), embedder)
-    return Answerer(Engine(loaded, cache=cache), retriever, AnswerSettings(order=order))
+    settings = AnswerSettings(order=order, policy=policy)
+    return Answerer(Engine(loaded, cache=cache), retriever, settings)
 
 
 def _ask(answerer: Answerer, question: str, **kw) -> tuple[SourcesEvent, str, AnswerDone]:
@@ -72,7 +84,7 @@ def test_answer_streams_with_numbered_sources_and_reuses_the_cache(
     answerer = _answerer(tiny_llama, tiny_store, embedder)
     sources, text, done = _ask(answerer, "Why does Python use indentation?", k=3)
     assert [s.number for s in sources.sources] == [1, 2, 3]
-    assert text == done.text
+    assert text == done.completion.text  # the stream is the model's text; done.text is checked
     assert any("python" in s.source for s in sources.sources)
     assert done.figures.prompt_tokens > 0 and done.figures.retrieval_ms > 0
     again = _ask(answerer, "Why does Python use indentation?", k=3)[2]
@@ -95,6 +107,34 @@ def test_follow_up_extends_the_conversation_path(
     assert numbers == list(range(1, len(numbers) + 1))  # numbering continues across turns
 
 
+def test_extract_mode_quotes_the_passage_without_running_the_model(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder, policy=AnswerPolicySettings())
+    sources, text, done = _ask(answerer, "Why does Python use indentation?", k=3, mode="extract")
+    assert text == "" and done.completion.tokens == [] and done.method == "extracted"
+    assert done.figures.finish_reason == "extracted" and done.figures.cached_tokens == 0
+    (citation,) = done.quotes
+    prepared = answerer.prepare("Why does Python use indentation?", k=3, mode="extract")
+    assert prepared.evidence is not None
+    texts = {p.chunk_id: p.text for p in prepared.evidence.passages}
+    chunk_text = texts[citation.source.chunk_id]
+    assert chunk_text[citation.quote.start : citation.quote.end] == citation.quote.text
+    assert "indentation" in citation.quote.text.lower()
+    assert f"[{citation.source.number}]" in done.text and done.citations == [citation.source]
+
+
+def test_a_question_the_store_cannot_answer_is_declined(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder, policy=AnswerPolicySettings())
+    for mode in ANSWER_MODES:
+        _, text, done = _ask(answerer, "What is the airspeed velocity of a swallow?", mode=mode)
+        assert done.declined and done.text == DECLINE_TEXT and done.citations == []
+        assert text == "" and done.completion.tokens == []  # declined before generation
+        assert done.sources  # the closest sources are still shown
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -102,6 +142,7 @@ def test_follow_up_extends_the_conversation_path(
         ({"question": "tea?", "k": 0}, "k must be"),
         ({"question": "tea?", "k": 51}, "k must be"),
         ({"question": "tea?", "order": "random"}, "unknown order"),
+        ({"question": "tea?", "mode": "guess"}, "unknown answer mode"),
     ],
 )
 def test_bad_questions_get_clear_errors(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ragcache.model_loader import LoadedModel
@@ -66,6 +66,9 @@ def test_split_rendered_rejects_rewritten_content() -> None:
 def test_stop_matcher_emits_exactly_the_text_before_the_first_stop(
     text: str, stops: list[str], cuts: list[int]
 ) -> None:
+    # With one stop inside another ("/" in "</<"), a stream must stop at the one that completes
+    # first, which is not the one that starts first in the whole text: not what this checks.
+    assume(not any(a != b and a in b for a in stops for b in stops))
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     matcher = StopMatcher(stops)

@@ -128,3 +128,24 @@ def test_call_runs_on_the_worker_thread(tiny_llama: LoadedModel) -> None:
             worker.call(lambda: 1 / 0)
     finally:
         worker.stop()
+
+
+def test_loops_end_the_same_way_in_the_engine_and_the_worker(loaded: LoadedModel) -> None:
+    """The random model falls into a loop; both generation paths stop there with the same tokens,
+    a prefix of what it says when nothing stops it."""
+    prompt = encode_segments(loaded.tokenizer, [TEXTS[1]])
+    unguarded = Engine(loaded).generate(prompt, SamplingParams(max_tokens=96, stop_loops=False))
+    solo = Engine(loaded).generate(prompt, SamplingParams(max_tokens=96))
+    if solo.stats.finish_reason != "loop":
+        pytest.skip("this random model did not loop on this prompt")
+    assert solo.stats.generated_tokens < 96
+    assert unguarded.tokens[: len(solo.tokens)] == solo.tokens
+    worker = ModelWorker(Engine(loaded))
+    worker.start()
+    try:
+        events = list(worker.submit(prompt, SamplingParams(max_tokens=96)).events(timeout=60))
+    finally:
+        worker.stop()
+    done = events[-1]
+    assert isinstance(done, Completion) and done.stats.finish_reason == "loop"
+    assert done.tokens == solo.tokens and done.text == solo.text

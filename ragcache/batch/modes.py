@@ -12,11 +12,11 @@ from typing import Any, Protocol
 from ragcache.answer import Answerer, PreparedQuestion
 from ragcache.batch.formats import BatchRequest, Citation
 from ragcache.engine import Completion
+from ragcache.rag_prompt import BASE_STOPS
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 
 # Base models run on past their answer into the next "Question:"; a blank line ends an answer.
-BASE_STOPS = ("\n\n",)
 
 
 @dataclass(frozen=True)

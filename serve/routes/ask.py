@@ -66,7 +66,17 @@ class AskController(Controller):
             SamplingRequest(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop),
         )
         refuse_if_busy(services)
-        prepared = await prepare(app_state, services, data.question, data.k, data.order, data.where)
+        prepared = await prepare(
+            app_state, services, data.question, data.k, data.order, data.where, mode=data.mode
+        )
+        if not prepared.generate:  # a quote or a decline: the model need not run
+            done = services.stack.answerer.complete(prepared, None, arrived)
+            ttft = time.perf_counter() - arrived
+            if data.stream:
+                return ServerSentEvent(
+                    self._unrun_events(prepared, answer_out(done, prepared.order, ttft))
+                )
+            return Response(answer_out(done, prepared.order, ttft))
         ticket = submit(services, prepared.prompt, params)
         if data.stream:
             return ServerSentEvent(self._events(app_state, services, prepared, ticket, arrived))
@@ -74,6 +84,17 @@ class AskController(Controller):
         done = services.stack.answerer.complete(prepared, finished.completion, arrived)
         app_state.metrics.observe_generation("ask", finished.completion.stats, finished.ttft_s)
         return Response(answer_out(done, prepared.order, finished.ttft_s))
+
+    @staticmethod
+    async def _unrun_events(
+        prepared: PreparedQuestion, answer: AskAnswer
+    ) -> AsyncIterator[dict[str, str]]:
+        yield _sse(
+            "sources",
+            {"order": prepared.order, "sources": [source_out(s) for s in prepared.sources]},
+        )
+        yield _sse("token", {"text": answer.answer})
+        yield _sse("done", answer)
 
     @staticmethod
     async def _events(

@@ -137,7 +137,14 @@ class OpenAIController(Controller):
         params = sampling_params(
             app_state,
             services,
-            SamplingRequest(_max_tokens(data), data.temperature, data.top_p, data.seed, data.stop),
+            SamplingRequest(
+                _max_tokens(data),
+                data.temperature,
+                data.top_p,
+                data.seed,
+                data.stop,
+                stop_loops=data.retrieval is not None,  # a RAG answer; else OpenAI's semantics
+            ),
         )
         refuse_if_busy(services)
         prepared: PreparedQuestion | None = None
@@ -220,7 +227,14 @@ class OpenAIController(Controller):
         params = sampling_params(
             app_state,
             services,
-            SamplingRequest(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop),
+            SamplingRequest(
+                data.max_tokens,
+                data.temperature,
+                data.top_p,
+                data.seed,
+                data.stop,
+                stop_loops=False,
+            ),
         )
         refuse_if_busy(services)
         prompt = await completion_prompt(app_state, services, data.prompt)

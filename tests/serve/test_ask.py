@@ -29,7 +29,10 @@ def test_sse_stream_sends_sources_tokens_then_done(http: httpx.Client) -> None:
     sources = events[0].json()["sources"]
     assert [s["number"] for s in sources] == [1, 2, 3]
     done = events[-1].json()
-    assert "".join(e.json()["text"] for e in events if e.event == "token") == done["answer"]
+    assert "".join(e.json()["text"] for e in events if e.event == "token") == done["model_text"]
+    assert done["method"] in {"generated", "extracted", "declined"}
+    for quote in done["quotes"]:  # every citation carries its supporting span
+        assert quote["number"] in done["citations"] and quote["end"] > quote["start"]
     assert [s["chunk_id"] for s in done["sources"]] == [s["chunk_id"] for s in sources]
     usage = done["usage"]
     assert usage["prompt_tokens"] == usage["cached_tokens"] + usage["recomputed_tokens"]
@@ -41,7 +44,7 @@ def test_repeated_question_restores_its_prompt_from_the_cache(http: httpx.Client
     body = {"question": "How are embeddings compared?", "stream": False, "max_tokens": 6}
     first = http.post("/v1/ask", json=body).json()
     again = http.post("/v1/ask", json=body).json()
-    assert again["answer"] == first["answer"]
+    assert again["answer"] == first["answer"] and again["model_text"] == first["model_text"]
     assert again["usage"]["cached_tokens"] >= again["usage"]["prompt_tokens"] - 1
     assert again["usage"]["cached_tokens"] > first["usage"]["cached_tokens"]
 
@@ -89,3 +92,21 @@ def test_bad_requests_get_a_4xx_with_a_message(
 def test_malformed_json_is_400(http: httpx.Client) -> None:
     r = http.post("/v1/ask", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_extract_mode_answers_with_a_quote_and_runs_no_model(http: httpx.Client) -> None:
+    body = {"question": "How are embeddings compared?", "mode": "extract", "stream": False}
+    out = http.post("/v1/ask", json=body).json()
+    assert out["method"] == "extracted" and out["finish_reason"] == "extracted"
+    assert out["usage"]["completion_tokens"] == 0 and out["model_text"] == ""
+    (quote,) = out["quotes"]
+    assert out["citations"] == [quote["number"]]
+    assert " ".join(quote["quote"].split()).rstrip(".!?:;") in out["answer"]
+    events = ask_stream(http, {**body, "stream": True})
+    assert [e.event for e in events] == ["sources", "token", "done"]
+    assert events[-1].json()["answer"] == out["answer"]
+
+
+def test_unknown_mode_is_refused_by_the_schema(http: httpx.Client) -> None:
+    r = http.post("/v1/ask", json={"question": "storage", "mode": "guess", "stream": False})
+    assert r.status_code == 422 and "mode" in r.text

@@ -1,0 +1,87 @@
+"""The extractive answer: the passage sentence(s) that state the answer, quoted with their source.
+
+For a short factual question the sentence that states the fact is often the best answer a small
+model can give, and it is cited to the character. The best-scoring sentence is taken with the
+lead-in it needs to make sense (the definition-list term above it, e.g. the option name, or the
+previous sentence when it is very short) and the sentences that continue its paragraph, up to a
+length budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ragcache.evidence import EvidenceIndex, Quote
+from ragcache.sentences import words
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    # Chosen on the tune half of the labelled questions (benchmarks/tune_answers.py).
+    lexical_weight: float = 0.5  # word evidence vs embedding cosine in a sentence's score
+    rank_weight: float = 0.1  # a prior for the passages retrieval ranked higher
+    max_sentences: int = 3  # the answering sentence and what continues its paragraph
+    max_chars: int = 360
+    short_words: int = 6  # a best sentence this short brings the sentence before it
+
+
+@dataclass(frozen=True)
+class Extraction:
+    quote: Quote
+    score: float  # the best sentence's score: the answer's confidence, in [0, 1]
+    # The passage's title when the quote does not name its subject ("This command uses ..."):
+    # shown before it, so the answer says what "this" is.
+    subject: str = ""
+
+
+# A sentence that opens by pointing back at its page's subject does not stand alone.
+_POINTS_BACK = re.compile(
+    r"^\W*(?:this|these|it|they|the (?:command|option|variable|function))\b", re.I
+)
+
+
+def extract_answer(
+    question: str,
+    index: EvidenceIndex,
+    settings: ExtractSettings | None = None,
+    question_vector: np.ndarray | None = None,
+) -> Extraction | None:
+    """The quote that best answers `question`, or None when the passages hold no sentence."""
+    s = settings or ExtractSettings()
+    if not index.entries:
+        return None
+    base = index.scores(question, question_vector, s.lexical_weight)
+    prior = np.array([s.rank_weight / (1 + e.rank) for e in index.entries], dtype=np.float32)
+    best = int(np.argmax(base + prior))
+    siblings = index.siblings(best)
+    entry = index.entries[best]
+    first = entry.index
+    if first > 0:
+        before = siblings[first - 1]
+        if entry.sentence.paragraph_start:
+            gap = entry.passage.text[before.sentence.end : entry.sentence.start]
+            if _is_term(before.sentence.text) and "\n\n" not in gap:
+                first -= 1  # the option or term the definition right under it is about
+        elif len(words(entry.sentence.text)) < s.short_words:  # "Defaults to 50." needs context
+            first -= 1
+    last = entry.index
+    chars = entry.sentence.end - siblings[first].sentence.start
+    while (
+        last + 1 < len(siblings)
+        and last - entry.index + 1 < s.max_sentences
+        and not siblings[last + 1].sentence.paragraph_start
+        and chars + len(siblings[last + 1].sentence.text) <= s.max_chars
+    ):
+        last += 1
+        chars = siblings[last].sentence.end - siblings[first].sentence.start
+    start_entry = best - (entry.index - first)
+    quote = index.quote(start_entry, float(base[best]), through=last)
+    subject = entry.passage.title if _POINTS_BACK.match(quote.text) else ""
+    return Extraction(quote, float(base[best]), subject)
+
+
+def _is_term(text: str) -> bool:
+    return len(text) <= 80 and not text.rstrip().endswith((".", "!", "?", ","))
