@@ -118,13 +118,14 @@ def loops(text: str, completion: Completion) -> bool:
 
 
 def run_questions(
-    answerer: Answerer, questions: list[dict], order: str, params: SamplingParams
+    answerer: Answerer, questions: list[dict], order: str, params: SamplingParams, generate: bool
 ) -> list[dict]:
     """Prepare and (where any mode needs it) generate; keep what `decide` needs for each mode."""
     rows = []
     for i, q in enumerate(questions):
         started = time.perf_counter()
-        prepared = answerer.prepare(q["question"], order=order, mode="generate")
+        mode = "generate" if generate else "extract"
+        prepared = answerer.prepare(q["question"], order=order, mode=mode)
         prepare_s = time.perf_counter() - started
         completion = None
         if prepared.generate:
@@ -343,7 +344,13 @@ def main() -> None:
     ap.add_argument("--halves", default="tune,report")
     ap.add_argument("--warm", type=int, default=20, help="questions re-asked to time a warm cache")
     ap.add_argument("--out", default="quality")
+    ap.add_argument(
+        "--modes", default=",".join(ANSWER_MODES), help="extract alone runs no model at all"
+    )
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    headline = AnswerSettings().policy.mode
+    headline = headline if headline in modes else modes[0]  # the mode the summary keys report
 
     settings = load_settings()
     embedder = SentenceTransformerEmbedder()
@@ -356,6 +363,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "machine": machine(),
         "default_mode": policy.mode,
+        "headline_mode": headline,
         "default_order": defaults.order,
         "settings": {
             "decline_below": policy.decline_below,
@@ -385,16 +393,16 @@ def main() -> None:
                 for h in order_halves:
                     qs = [q for q in questions[store] if half(q["id"]) == h]
                     print(f"{model_name} {order} {store} {h}: {len(qs)} questions", flush=True)
-                    for row in run_questions(answerer, qs, order, params):
+                    for row in run_questions(answerer, qs, order, params, modes != ["extract"]):
                         row["answerer"] = answerer
                         rows_by_half[h].append(row)
-            for mode in ANSWER_MODES:
+            for mode in modes:
                 name = f"{model_name}/{order}/{mode}"
                 run: dict[str, Any] = {}
                 for h, rows in rows_by_half.items():
                     answers = [answer_for(r["answerer"], r, mode, policy) for r in rows]
                     run[h] = score(rows, answers)
-                    if h == "report" and mode == policy.mode and order == defaults.order:
+                    if h == "report" and mode == headline and order == defaults.order:
                         for r, a in zip(rows, answers, strict=True):
                             samples.append(
                                 {
@@ -425,10 +433,10 @@ def main() -> None:
                 result["runs"][name] = run
                 print(name, json.dumps(run.get("report", run.get("tune"))), flush=True)
             if order == defaults.order and args.warm:
-                result["runs"][f"{model_name}/{order}/{policy.mode}"]["warm"] = warm_timing(
-                    answerers, rows_by_half, args.warm, policy.mode
+                result["runs"][f"{model_name}/{order}/{headline}"]["warm"] = warm_timing(
+                    answerers, rows_by_half, args.warm, headline
                 )
-    default = result["runs"].get(f"{args.models.split(',')[0]}/{defaults.order}/{policy.mode}", {})
+    default = result["runs"].get(f"{args.models.split(',')[0]}/{defaults.order}/{headline}", {})
     report = default.get("report", {})
     result.update(
         {
@@ -446,9 +454,7 @@ def main() -> None:
     )
     result["median_answer_s_cold"] = report.get("median_answer_s")
     result["median_answer_s_warm"] = default.get("warm", {}).get("median_answer_s_warm")
-    rel = (
-        result["runs"].get(f"{args.models.split(',')[0]}/relevance/{policy.mode}", {}).get("report")
-    )
+    rel = result["runs"].get(f"{args.models.split(',')[0]}/relevance/{headline}", {}).get("report")
     if rel:
         result["relevance_order"] = rel
         deltas = [
@@ -477,7 +483,7 @@ def warm_timing(
             r["generate_s"] if mode != "extract" and r["completion"] is not None else r["prepare_s"]
         )
         started = time.perf_counter()
-        list(answerers[r["store"]].ask(r["question"]))
+        list(answerers[r["store"]].ask(r["question"], mode=mode))
         warm.append(time.perf_counter() - started)
     return {
         "questions": len(rows),

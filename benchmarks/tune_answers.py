@@ -49,6 +49,8 @@ def evaluate(rows: list[dict], extract: ExtractSettings, evidence: EvidenceSetti
         index = prepared.evidence
         index.settings = evidence
         got = extract_answer(row["question"], index, extract, row["vector"])
+        if got is not None and got.unknown_names:  # declined whatever the threshold
+            got = None
         score = got.score if got else 0.0
         if row["kind"] == "unanswerable":
             unanswerable.append(score)
@@ -107,24 +109,29 @@ def main() -> None:
         print(f"{store}: {len(rows)} tune rows so far", flush=True)
 
     grid = itertools.product(
-        (0.2, 0.35, 0.5, 0.65, 0.8),  # lexical weight
-        (0.0, 0.05, 0.1, 0.2, 0.3),  # rank weight
-        (0.0, 0.3, 0.5),  # context weight
-        (1, 2, 3),  # max sentences
+        (0.2, 0.35, 0.5, 0.65),  # lexical weight
+        (0.0, 0.1, 0.2, 0.3),  # rank weight
+        (0.0, 0.3),  # context weight
+        (2, 3),  # max sentences
+        (0.0, 0.25, 0.5, 1.0),  # passage weight
     )
     results = []
-    for lexical, rank, context, sentences in grid:
+    for lexical, rank, context, sentences, passage in grid:
         extract = replace(
-            ExtractSettings(), lexical_weight=lexical, rank_weight=rank, max_sentences=sentences
+            ExtractSettings(),
+            lexical_weight=lexical,
+            rank_weight=rank,
+            max_sentences=sentences,
+            passage_weight=passage,
         )
         evidence = replace(EvidenceSettings(), context_weight=context)
         r = evaluate(rows, extract, evidence)
         objective = (
             r["short_answer_accuracy"] + r["long_answer_token_recall"] + r["citation_precision"]
         )
-        results.append((objective, lexical, rank, context, sentences, r))
+        results.append((objective, lexical, rank, context, sentences, passage, r))
     results.sort(key=lambda x: -x[0])
-    objective, lexical, rank, context, sentences, best = results[0]
+    objective, lexical, rank, context, sentences, passage, best = results[0]
     threshold = decline_threshold(best["answerable_scores"], best["unanswerable_scores"], 0.05)
     out = {
         "machine": machine(),
@@ -136,6 +143,7 @@ def main() -> None:
             "rank_weight": rank,
             "context_weight": context,
             "max_sentences": sentences,
+            "passage_weight": passage,
             **threshold,
         },
         "at_chosen": {k: round(v, 4) for k, v in best.items() if isinstance(v, float)},
@@ -145,7 +153,8 @@ def main() -> None:
                 "rank_weight": x[2],
                 "context_weight": x[3],
                 "max_sentences": x[4],
-                **{k: round(v, 4) for k, v in x[5].items() if isinstance(v, float)},
+                "passage_weight": x[5],
+                **{k: round(v, 4) for k, v in x[6].items() if isinstance(v, float)},
             }
             for x in results[:10]
         ],

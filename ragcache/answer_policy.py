@@ -37,7 +37,8 @@ class AnswerPolicySettings:
     mode: str = "auto"
     # The question's best evidence score under which it is declined: the highest that declines
     # at most 5% of answerable tune-half questions (benchmarks/tune_answers.py).
-    decline_below: float = 0.445
+    decline_below: float = 0.434
+    decline_unknown_names: bool = True  # a name the question uses that no source mentions
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
 
@@ -61,7 +62,11 @@ def needs_generation(mode: str, extraction: Extraction | None, s: AnswerPolicySe
 
 
 def _too_weak(extraction: Extraction | None, s: AnswerPolicySettings) -> bool:
-    return extraction is None or extraction.score < s.decline_below
+    return (
+        extraction is None
+        or extraction.score < s.decline_below
+        or (s.decline_unknown_names and bool(extraction.unknown_names))
+    )
 
 
 def decide(

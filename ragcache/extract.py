@@ -23,6 +23,7 @@ class ExtractSettings:
     # Chosen on the tune half of the labelled questions (benchmarks/tune_answers.py).
     lexical_weight: float = 0.5  # word evidence vs embedding cosine in a sentence's score
     rank_weight: float = 0.1  # a prior for the passages retrieval ranked higher
+    passage_weight: float = 0.0  # how much a passage that is about the question as a whole counts
     max_sentences: int = 3  # the answering sentence and what continues its paragraph
     max_chars: int = 360
     short_words: int = 6  # a best sentence this short brings the sentence before it
@@ -35,12 +36,27 @@ class Extraction:
     # The passage's title when the quote does not name its subject ("This command uses ..."):
     # shown before it, so the answer says what "this" is.
     subject: str = ""
+    # Names in the question (`core.fooBar`, `--prune`, `max_age`) that no passage mentions: the
+    # documents do not describe them, whatever else matches.
+    unknown_names: tuple[str, ...] = ()
 
 
-# A sentence that opens by pointing back at its page's subject does not stand alone.
+# A sentence that opens by pointing back at its page's subject ("This command uses ...", "It
+# takes ...") does not say what it is about; the page's title does.
 _POINTS_BACK = re.compile(
-    r"^\W*(?:this|these|it|they|the (?:command|option|variable|function))\b", re.I
+    r"^\W*(?:it|(?:this|the) (?:command|option|variable|setting|function|method|module|class))\b",
+    re.I,
 )
+
+
+_NAME = re.compile(r"(?<![\w.-])(?:--?[a-z][\w-]*|[A-Za-z_]\w*(?:[._][\w]+)+|[a-z]+[A-Z]\w*)")
+
+
+def unknown_names(question: str, passages_text: str) -> tuple[str, ...]:
+    """The identifier-like names of `question` that `passages_text` never mentions."""
+    text = passages_text.lower()
+    names = {m.group(0).rstrip(".") for m in _NAME.finditer(question)}
+    return tuple(sorted(n for n in names if len(n) > 3 and n.lower() not in text))
 
 
 def extract_answer(
@@ -55,6 +71,8 @@ def extract_answer(
         return None
     base = index.scores(question, question_vector, s.lexical_weight)
     prior = np.array([s.rank_weight / (1 + e.rank) for e in index.entries], dtype=np.float32)
+    if s.passage_weight:
+        prior += s.passage_weight * _passage_scores(index, base)
     best = int(np.argmax(base + prior))
     siblings = index.siblings(best)
     entry = index.entries[best]
@@ -80,7 +98,22 @@ def extract_answer(
     start_entry = best - (entry.index - first)
     quote = index.quote(start_entry, float(base[best]), through=last)
     subject = entry.passage.title if _POINTS_BACK.match(quote.text) else ""
-    return Extraction(quote, float(base[best]), subject)
+    unknown = unknown_names(question, "\n".join(p.text for p in index.passages))
+    return Extraction(quote, float(base[best]), subject, unknown)
+
+
+def _passage_scores(index: EvidenceIndex, base: np.ndarray, top: int = 2) -> np.ndarray:
+    """Per sentence: the mean of the best `top` sentence scores of its passage, so a sentence
+    from a passage that is about the question beats a lone match in a passage about something
+    else."""
+    out = np.zeros_like(base)
+    start = 0
+    for sentences in index.by_passage:
+        end = start + len(sentences)
+        if end > start:
+            out[start:end] = float(np.sort(base[start:end])[-top:].mean())
+        start = end
+    return out
 
 
 def _is_term(text: str) -> bool:

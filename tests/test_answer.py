@@ -21,6 +21,7 @@ from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
 from ragcache.retrieve import Retriever
 from ragcache.sampling import SamplingParams
+from ragcache.sentences import split_sentences
 from ragcache.store import open_store
 
 DOCS = {
@@ -202,3 +203,26 @@ def test_ask_cli_answers_from_the_faq_with_smollm2(tmp_path: Path, home: Path) -
     )
     assert second["figures"]["cached_tokens"] >= second["figures"]["prompt_tokens"] - 1
     assert second["answer"] == answer["answer"]
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Pourquoi Python utilise-t-il l'indentation pour grouper les instructions ?",  # French
+        "indentation",  # a bare keyword
+        " ".join(["Why does Python group statements by indentation and not braces?"] * 40),
+    ],
+)
+def test_odd_questions_get_an_answer_or_a_decline_never_a_loop(
+    tiny_llama: LoadedModel, tiny_store: Path, embedder, question: str
+) -> None:
+    answerer = _answerer(tiny_llama, tiny_store, embedder, policy=AnswerPolicySettings())
+    for mode in ANSWER_MODES:
+        events = list(answerer.ask(question, k=3, mode=mode))
+        done = events[-1]
+        assert isinstance(done, AnswerDone) and done.text.strip()
+        assert done.method in {"generated", "extracted", "declined"}
+        said = [x.text for x in split_sentences(done.text)]
+        assert len(said) == len(set(said))  # what the user reads never repeats itself
+        if not done.declined:
+            assert done.quotes and all(q.quote.text for q in done.quotes)

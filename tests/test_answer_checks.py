@@ -101,3 +101,16 @@ def test_a_model_that_says_it_does_not_know_is_a_decline() -> None:
     text = "The documents don't answer this."
     got = decide("generate", extraction, attribute(text, ix), policy, text)
     assert got.declined
+
+
+def test_a_name_no_source_mentions_is_declined() -> None:
+    ix = index()
+    policy = AnswerPolicySettings(decline_below=0.0)
+    question = "What does the --follow option of git log do with core.autoSquashMerges?"
+    got = extract_answer(question, ix)
+    assert got is not None and got.unknown_names == ("core.autoSquashMerges",)
+    assert decide("extract", got, None, policy).declined
+    assert not needs_generation("auto", got, policy)
+    known = extract_answer("What does the --follow option of git log do?", ix)
+    assert known is not None and known.unknown_names == ()
+    assert not decide("extract", known, None, policy).declined

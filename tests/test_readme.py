@@ -59,5 +59,12 @@ def test_main_job_runs_on_the_embedded_defaults() -> None:
     )
     assert answer.returncode == 0, answer.stderr[-2000:]
     result = json.loads(answer.stdout.strip().splitlines()[-1])
-    assert result["answer"].strip()
     assert any(s["doc_id"].endswith("faq/design/q001.rst") for s in result["sources"])
+    # What the user reads: an answer about indentation, cited, each citation with its quote.
+    text = result["answer"]
+    assert result["method"] != "declined" and "indentation" in text.lower(), text
+    assert result["citations"] and all(f"[{n}]" in text for n in result["citations"]), text
+    for quote in result["quotes"]:
+        assert quote["number"] in result["citations"] and quote["quote"].strip()
+    said = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    assert len(said) == len(set(said)), text  # never a loop
