@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 
 import numpy as np
 
@@ -251,7 +252,9 @@ class Answerer:
                 )
             )
         rank = {h.chunk_id: i for i, h in enumerate(retrieval.hits)}
-        passages = [Passage(s.number, s.chunk_id, s.title, by_id[s.chunk_id].text) for s in sources]
+        passages = [
+            Passage(s.number, s.chunk_id, _shown_title(s), by_id[s.chunk_id].text) for s in sources
+        ]
         # A follow-up may be answered by an earlier turn's sources: they are still in the prompt.
         earlier = conversation.passages
         evidence = EvidenceIndex(
@@ -370,6 +373,14 @@ class Answerer:
                     yield event
             assert completion is not None
         yield self.complete(prepared, completion, started)
+
+
+def _shown_title(source: Source) -> str:
+    """A title worth showing: not the file name a document without a heading falls back to."""
+    title = source.title.strip()
+    return (
+        "" if title in {"", PurePath(source.doc_id).stem, PurePath(source.doc_id).name} else title
+    )
 
 
 def _unit(vector: np.ndarray | None) -> np.ndarray | None:

@@ -62,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--mode",
         choices=list(ANSWER_MODES),
         default=None,
-        help="auto (default): the model's answer when the sources support it, else a quote; "
-        "generate: the model's checked answer; extract: quote the passage",
+        help="extract (default): quote the passage that answers; generate: the model's answer, "
+        "checked against the sources; auto: the model's answer when the sources support it, "
+        "else the quote",
     )
     ask.add_argument(
         "--stream", action="store_true", help="also show the model's raw text as it is generated"

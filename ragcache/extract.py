@@ -33,20 +33,22 @@ class ExtractSettings:
 class Extraction:
     quote: Quote
     score: float  # the best sentence's score: the answer's confidence, in [0, 1]
-    # The passage's title when the quote does not name its subject ("This command uses ..."):
-    # shown before it, so the answer says what "this" is.
+    # The passage's title when the quote does not name the page's subject ("Verifies the
+    # connectivity ...", "This command uses ..."): shown before it, so the answer says whose.
     subject: str = ""
     # Names in the question (`core.fooBar`, `--prune`, `max_age`) that no passage mentions: the
     # documents do not describe them, whatever else matches.
     unknown_names: tuple[str, ...] = ()
 
 
-# A sentence that opens by pointing back at its page's subject ("This command uses ...", "It
-# takes ...") does not say what it is about; the page's title does.
-_POINTS_BACK = re.compile(
-    r"^\W*(?:it|(?:this|the) (?:command|option|variable|setting|function|method|module|class))\b",
-    re.I,
-)
+def _subject(title: str, quote: str) -> str:
+    """The page title to show before a quote that does not name its page's subject itself.
+
+    Manual and reference pages describe their subject without naming it ("Verifies the
+    connectivity ...", "This option ..."): the answer says whose description it is.
+    """
+    name = title.split()[0].split("(")[0].lower() if title.strip() else ""
+    return title if name and name not in quote.lower() else ""
 
 
 _NAME = re.compile(r"(?<![\w.-])(?:--?[a-z][\w-]*|[A-Za-z_]\w*(?:[._][\w]+)+|[a-z]+[A-Z]\w*)")
@@ -97,7 +99,7 @@ def extract_answer(
         chars = siblings[last].sentence.end - siblings[first].sentence.start
     start_entry = best - (entry.index - first)
     quote = index.quote(start_entry, float(base[best]), through=last)
-    subject = entry.passage.title if _POINTS_BACK.match(quote.text) else ""
+    subject = _subject(entry.passage.title, quote.text)
     unknown = unknown_names(question, "\n".join(p.text for p in index.passages))
     return Extraction(quote, float(base[best]), subject, unknown)
 

@@ -50,8 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--mode",
         choices=list(ANSWER_MODES),
-        default=d.answer_mode,
-        help="default answer mode of /v1/ask (a request's `mode` overrides it)",
+        default=None,
+        help="default answer mode of /v1/ask (default: extract; a request's `mode` overrides it)",
     )
     p.add_argument(
         "--decline-below",

@@ -55,7 +55,7 @@ class Services:
 
 def _answer_settings(settings: ServeSettings) -> AnswerSettings:
     answer = AnswerSettings()
-    policy = replace(answer.policy, mode=settings.answer_mode)
+    policy = replace(answer.policy, mode=settings.answer_mode or answer.policy.mode)
     if settings.decline_below is not None:
         policy = replace(policy, decline_below=settings.decline_below)
     return replace(answer, policy=policy)

@@ -30,7 +30,7 @@ class ServeSettings:
     max_tokens: int = 2048  # the most a request may ask to generate
     default_max_tokens: int | None = None  # default: settings.generation.max_tokens
     max_k: int = 20  # chunks a request may retrieve
-    answer_mode: str = "auto"  # a request's `mode` overrides it: auto, generate, extract
+    answer_mode: str | None = None  # default: the core's; a request's `mode` overrides it
     decline_below: float | None = None  # evidence score under which questions are declined;
     # default: the calibrated AnswerPolicySettings value (0 never declines)
     max_question_chars: int = 4000
@@ -43,7 +43,7 @@ class ServeSettings:
     def validate(self) -> ServeSettings:
         from ragcache.answer_policy import ANSWER_MODES
 
-        if self.answer_mode not in ANSWER_MODES:
+        if self.answer_mode is not None and self.answer_mode not in ANSWER_MODES:
             raise ConfigError(
                 f"unknown answer mode {self.answer_mode!r}",
                 hint="one of: " + ", ".join(ANSWER_MODES),

@@ -56,6 +56,7 @@ def tiny_settings(
         # The tiny models write noise, which no source supports: these tests exercise the
         # generation path, so the server never declines before running the model.
         decline_below=0.0,
+        answer_mode="generate",
         max_body_bytes=64 * 1024,
         max_upload_bytes=256 * 1024,
         max_queue=16,
