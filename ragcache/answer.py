@@ -253,7 +253,14 @@ class Answerer:
             )
         rank = {h.chunk_id: i for i, h in enumerate(retrieval.hits)}
         passages = [
-            Passage(s.number, s.chunk_id, _shown_title(s), by_id[s.chunk_id].text) for s in sources
+            Passage(
+                s.number,
+                s.chunk_id,
+                _shown_title(s),
+                by_id[s.chunk_id].text,
+                " > ".join(s.heading_path),
+            )
+            for s in sources
         ]
         # A follow-up may be answered by an earlier turn's sources: they are still in the prompt.
         earlier = conversation.passages

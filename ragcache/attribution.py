@@ -48,7 +48,13 @@ def attribute(
         (strip_citations(x.text), tuple(citation_numbers(x.text))) for x in split_sentences(answer)
     ]
     pieces = [(text, claimed) for text, claimed in pieces if text]
-    checkable = [len(content_words(text)) >= s.min_content_words for text, _ in pieces]
+    # A sentence that only repeats a source's label ("[6] git-log(1) Manual Page >", a small
+    # model continuing the list of sources) makes no claim.
+    checkable = [
+        len(content_words(text)) >= s.min_content_words
+        and not any(p.is_label(text) for p in index.passages)
+        for text, _ in pieces
+    ]
     vectors: list[np.ndarray | None] = [None] * len(pieces)
     if embed_many is not None and index.embed is not None and any(checkable):
         wanted = [i for i, ok in enumerate(checkable) if ok]

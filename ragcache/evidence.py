@@ -33,6 +33,15 @@ class Passage:
     chunk_id: str
     title: str
     text: str
+    header: str = ""  # the heading path ingest writes as the chunk's first line: never evidence
+
+    def is_label(self, sentence: str) -> bool:
+        """Whether `sentence` only names this passage (its heading path or title), saying nothing."""
+        said = " ".join(sentence.replace(">", " ").split()).lower()
+        labels = (self.header, self.title)
+        return bool(said) and any(
+            said in " ".join(x.replace(">", " ").split()).lower() for x in labels if x
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ class EvidenceIndex:
         self.by_passage: list[list[_Entry]] = []
         for p, passage in enumerate(self.passages):
             rank = self.ranks[p] if self.ranks is not None else p
-            sentences = split_sentences(passage.text)
+            sentences = [x for x in split_sentences(passage.text) if not passage.is_label(x.text)]
             bags = [content_words(s.text) for s in sentences]
             own: list[_Entry] = []
             c = self.settings.context_sentences

@@ -21,9 +21,9 @@ from ragcache.sentences import words
 @dataclass(frozen=True)
 class ExtractSettings:
     # Chosen on the tune half of the labelled questions (benchmarks/tune_answers.py).
-    lexical_weight: float = 0.5  # word evidence vs embedding cosine in a sentence's score
+    lexical_weight: float = 0.2  # word evidence vs embedding cosine in a sentence's score
     rank_weight: float = 0.1  # a prior for the passages retrieval ranked higher
-    passage_weight: float = 0.0  # how much a passage that is about the question as a whole counts
+    passage_weight: float = 1.0  # how much a passage that is about the question as a whole counts
     max_sentences: int = 3  # the answering sentence and what continues its paragraph
     max_chars: int = 360
     short_words: int = 6  # a best sentence this short brings the sentence before it

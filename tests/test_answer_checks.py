@@ -114,3 +114,20 @@ def test_a_name_no_source_mentions_is_declined() -> None:
     known = extract_answer("What does the --follow option of git log do?", ix)
     assert known is not None and known.unknown_names == ()
     assert not decide("extract", known, None, policy).declined
+
+
+def test_a_heading_is_never_evidence_and_repeating_one_is_no_claim() -> None:
+    manual = Passage(
+        4,
+        "tut#2",
+        "Argparse Tutorial",
+        "Argparse Tutorial > Introducing Optional arguments\n\nOptional arguments start with "
+        "two dashes, like --verbosity.",
+        header="Argparse Tutorial > Introducing Optional arguments",
+    )
+    ix = EvidenceIndex([manual])
+    assert [e.sentence.text for e in ix.entries] == [
+        "Optional arguments start with two dashes, like --verbosity."
+    ]
+    (said,) = attribute("Argparse Tutorial > Introducing Optional arguments [4]", ix)
+    assert not said.checked and said.quote is None
