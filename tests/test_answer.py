@@ -187,6 +187,8 @@ def test_ask_cli_answers_from_the_faq_with_smollm2(tmp_path: Path, home: Path) -
         "--json",
         "--max-tokens",
         "24",
+        "--mode",
+        "auto",  # the model runs: the second process must find its prompt on disk
         "--cache-dir",
         str(tmp_path / "kv"),
     ]
