@@ -15,8 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
-import numpy as np
-
 from ragcache.answer_policy import (
     ANSWER_MODES,
     AnswerPolicySettings,
@@ -271,7 +269,7 @@ class Answerer:
             + [rank[s.chunk_id] for s in sources],
         )
         extraction = extract_answer(
-            question, evidence, self.settings.policy.extract, _unit(retrieval.query_vector)
+            question, evidence, self.settings.policy.extract, retrieval.query_vector
         )
         return PreparedQuestion(
             question,
@@ -388,13 +386,6 @@ def _shown_title(source: Source) -> str:
     return (
         "" if title in {"", PurePath(source.doc_id).stem, PurePath(source.doc_id).name} else title
     )
-
-
-def _unit(vector: np.ndarray | None) -> np.ndarray | None:
-    if vector is None:
-        return None
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else None
 
 
 def _unrun(prepared: PreparedQuestion, checked: CheckedAnswer, started: float) -> Completion:

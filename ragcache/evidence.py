@@ -75,6 +75,7 @@ class EvidenceSettings:
 @dataclass
 class _Entry:
     passage: Passage
+    slot: int  # the passage's position in the index
     rank: int  # the passage's retrieval rank, 0 best
     sentence: Sentence
     index: int  # position among its passage's sentences
@@ -102,7 +103,7 @@ class EvidenceIndex:
             c = self.settings.context_sentences
             for i, (s, bag) in enumerate(zip(sentences, bags, strict=True)):
                 around = [w for b in bags[max(0, i - c) : i + c + 1] for w in b]
-                own.append(_Entry(passage, rank, s, i, bag, around))
+                own.append(_Entry(passage, p, rank, s, i, bag, around))
             self.by_passage.append(own)
             self.entries.extend(own)
         self.idf = idf_weights([e.words for e in self.entries]) if self.entries else {}
@@ -166,11 +167,11 @@ class EvidenceIndex:
         return Quote(p.number, p.chunk_id, start, end, p.text[start:end], float(score))
 
     def by_passage_entry(self, entry: _Entry, index: int) -> _Entry:
-        siblings = self.by_passage[self.passages.index(entry.passage)]
+        siblings = self.by_passage[entry.slot]
         return siblings[max(0, min(index, len(siblings) - 1))]
 
     def siblings(self, i: int) -> list[_Entry]:
-        return self.by_passage[self.passages.index(self.entries[i].passage)]
+        return self.by_passage[self.entries[i].slot]
 
 
 def memoized(embed: EmbedFn, max_items: int = 50_000) -> EmbedFn:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragcache.evidence import EvidenceIndex, Quote
-from ragcache.sentences import words
+from ragcache.sentences import is_term, words
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def extract_answer(
         before = siblings[first - 1]
         if entry.sentence.paragraph_start:
             gap = entry.passage.text[before.sentence.end : entry.sentence.start]
-            if _is_term(before.sentence.text) and "\n\n" not in gap:
+            if is_term(before.sentence.text) and "\n\n" not in gap:
                 first -= 1  # the option or term the definition right under it is about
         elif len(words(entry.sentence.text)) < s.short_words:  # "Defaults to 50." needs context
             first -= 1
@@ -116,7 +116,3 @@ def _passage_scores(index: EvidenceIndex, base: np.ndarray, top: int = 2) -> np.
             out[start:end] = float(np.sort(base[start:end])[-top:].mean())
         start = end
     return out
-
-
-def _is_term(text: str) -> bool:
-    return len(text) <= 80 and not text.rstrip().endswith((".", "!", "?", ","))

@@ -69,7 +69,7 @@ def _blocks(text: str) -> Iterable[tuple[int, int]]:
         # A term is a short line standing alone (not a paragraph's wrapped line) with its
         # definition indented under it, or an AsciiDoc "term::".
         after_term = previous_alone and (
-            previous.endswith("::") or (_is_term(previous) and indent > previous_indent)
+            previous.endswith("::") or (is_term(previous) and indent > previous_indent)
         )
         stands_alone = (
             not stripped
@@ -92,7 +92,7 @@ def _blocks(text: str) -> Iterable[tuple[int, int]]:
         yield start, pos
 
 
-def _is_term(line: str) -> bool:
+def is_term(line: str) -> bool:
     """A short line with no sentence end: a definition-list term, an option name (when the
     lines under it are indented)."""
     return 0 < len(line) <= 80 and not line.endswith((".", ",", ";", "!", "?"))
