@@ -1,8 +1,11 @@
 """`ragcache ingest`: the command-line face of an ingest job (registered via entry point).
 
-Exit status: 0 when every file was ingested or already current; EXIT_PARTIAL (5) when the job
-finished but left something out (listed in the report); a RagcacheError's exit_code on failure
-(2 bad flag, 3 model missing, 6 store unusable, e.g. a table made by another schema version).
+Exit status: 0 when every file was ingested or already current (files of kinds ingest never
+reads, such as .css or .png met in a folder, are ignored and listed, not failures); EXIT_PARTIAL (5)
+when the job finished but left out a file of a kind it reads (listed in the report); otherwise a
+RagcacheError's exit_code: 2 bad flag, 3 model missing, 6 store unusable (e.g. a table made by
+another schema version), EXIT_NO_INPUT (66) a PATH that does not exist (checked before the store
+is opened, so no table is created), 75 another job is writing the table.
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ from typing import Any
 
 from ingest.chunker import ChunkSettings
 from ingest.settings import IngestSettings
-from ingest.sources import DEFAULT_EXCLUDES
+from ingest.sources import DEFAULT_EXCLUDES, SourceNotFoundError
 from ragcache.embedder import EmbedderSettings
 from ragcache.errors import ConfigError
 from ragcache.settings import Settings
 
 EXIT_PARTIAL = 5
+EXIT_NO_INPUT = SourceNotFoundError.exit_code  # 66, EX_NOINPUT
 
 _EPILOG = """\
-exit status: 0 all ingested; 5 partial (some files or lines skipped, see the report);
-2 bad arguments; 3 model missing; 6 store unusable (nothing in it was changed).
+exit status: 0 all ingested (files of kinds ingest does not read, e.g. .css, .png, are
+ignored); 5 partial (some files or lines it reads were skipped, see the report); 2 bad arguments;
+3 model missing; 6 store unusable (nothing in it was changed); 66 a PATH does not exist (checked
+first: no store or table is created); 75 another job is writing the table.
+Files that are not UTF-8 are decoded in the most plausible legacy code page and listed.
 Formats: .txt .md .rst (.rst.txt) .html .pdf .jsonl (one {"text": ..., "id": ...} per line)."""
 
 

@@ -1,9 +1,12 @@
-"""Bytes to text: UTF-8 first, then a detected encoding, else a reason to skip."""
+"""Bytes to text: a byte-order mark, then UTF-8, then the most plausible legacy code page, else a
+reason to skip. Only the last is a guess, and `Decoded.guessed` says so."""
 
 from __future__ import annotations
 
 import codecs
+from typing import NamedTuple
 
+from ingest.codepages import rank
 from ingest.documents import SkipFile
 
 # Detection reads a sample: enough to be sure, bounded so a large file costs no more than a small one.
@@ -17,12 +20,21 @@ _BOMS = (
 )
 
 
-def decode_text(data: bytes) -> tuple[str, str]:
-    """Return (text, encoding). Raises SkipFile for binary data or an undetectable encoding."""
+class Decoded(NamedTuple):
+    """A file's text, the codec that produced it, and whether that codec was a guess (neither a
+    byte-order mark nor valid UTF-8 said so)."""
+
+    text: str
+    encoding: str
+    guessed: bool = False
+
+
+def decode_text(data: bytes) -> Decoded:
+    """Decode a file's bytes. Raises SkipFile for binary data or an undetectable encoding."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
-                return data.decode(encoding), encoding
+                return Decoded(data.decode(encoding), encoding)
             except UnicodeDecodeError as exc:
                 raise SkipFile(
                     f"starts with a {encoding} byte-order mark but is not {encoding}"
@@ -30,17 +42,26 @@ def decode_text(data: bytes) -> tuple[str, str]:
     if b"\x00" in data[:8192]:
         raise SkipFile("binary file (NUL bytes), not text")
     try:
-        return data.decode("utf-8"), "utf-8"
+        return Decoded(data.decode("utf-8"), "utf-8")
     except UnicodeDecodeError:
         pass
+    return _guess(data)
+
+
+def _guess(data: bytes) -> Decoded:
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data[:_SAMPLE_BYTES]).best()
-    if best is None or best.encoding is None:
+    sample = data[:_SAMPLE_BYTES]
+    # charset_normalizer decides whether this is text at all (it finds nothing in noise) and
+    # proposes code pages; codepages.rank picks among them, since its order is unreliable.
+    proposed = [m.encoding for m in from_bytes(sample) if m.encoding]
+    if not proposed:
         raise SkipFile("not UTF-8 and no text encoding could be detected")
-    try:
-        return data.decode(best.encoding), best.encoding
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise SkipFile(
-            f"not UTF-8, and not {best.encoding} either ({exc.__class__.__name__})"
-        ) from exc
+    ranked = rank(sample, proposed)
+    for candidate in ranked:
+        try:  # the sample decoded; the rest of the file may still hold a byte it cannot
+            return Decoded(data.decode(candidate.encoding), candidate.encoding, guessed=True)
+        except UnicodeDecodeError:
+            continue
+    tried = ", ".join(c.encoding for c in ranked) or ", ".join(proposed)
+    raise SkipFile(f"not UTF-8, and not {tried} either")

@@ -37,6 +37,15 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class GuessedEncoding:
+    """A file ingested in a legacy encoding that was guessed (neither a byte-order mark nor valid
+    UTF-8 said what it is): worth a look if its text reads oddly."""
+
+    path: str
+    encoding: str
+
+
 class SkipFile(Exception):
     """Raised by a loader when a file cannot be used; the job records it and goes on."""
 

@@ -27,16 +27,23 @@ from typing import Any
 
 from ingest.chunker import Tokens
 from ingest.documents import Skipped
-from ingest.formats import FileRef, is_multi_document
+from ingest.formats import FileRef, content_fingerprint, is_multi_document
 from ingest.journal import RemovalJournal
 from ingest.producer import END, DocumentProducer, DocWork
 from ingest.report import JobReport, Progress
 from ingest.rows import build_rows, doc_version
 from ingest.settings import PIPELINE_VERSION, IngestSettings
-from ingest.sources import DEFAULT_EXCLUDES, Scan, scan_paths
+from ingest.sources import DEFAULT_EXCLUDES, Scan, require_found, scan_paths
 from ingest.tokens import GeneratorTokens, load_tokens, tokenizer_folder
 from ragcache.embedder import Embedder, SentenceTransformerEmbedder
-from ragcache.store import ChunkStore, DocState, StoreError, StoreSettings, open_store
+from ragcache.store import (
+    ChunkStore,
+    DocState,
+    StoreBusyError,
+    StoreError,
+    StoreSettings,
+    open_store,
+)
 from ragcache.store import tokenizer_identity as folder_tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -67,14 +74,17 @@ def run_job(
     """Run one ingest job and return its report.
 
     Writes the table under `spec.db_dir` (created if missing) while holding an exclusive lock
-    file beside it. Bad inputs are skipped and listed in the report. Raises StoreError (and its
+    file beside it. Bad inputs are skipped and listed in the report. Raises SourceNotFoundError
+    when a PATH does not exist, before the store is opened or created. Raises StoreError (and its
     SchemaMismatchError) when the store cannot be used; nothing stored is changed then.
     """
     start = time.perf_counter()
     settings = settings or IngestSettings()
     report = JobReport(db=str(spec.db_dir), table=spec.table)
     scan = scan_paths(spec.paths, spec.excludes)
+    require_found(scan)  # first: a mistyped PATH must not leave an empty table behind
     report.skipped.extend(scan.skipped)
+    report.ignored.extend(scan.ignored)
     embedder = embedder or SentenceTransformerEmbedder(settings.embedder)
     # The identity comes from the tokenizer files; the tokenizer itself loads only if needed.
     folder = None if tokens is not None else tokenizer_folder(spec.generator, home)
@@ -153,8 +163,7 @@ def _plan(
             if is_multi_document(ref.path):
                 todo.append(ref)
                 continue
-            with open(ref.path, "rb") as f:
-                fingerprint = hashlib.file_digest(f, "sha256").hexdigest()
+            fingerprint = content_fingerprint(ref.path, ref.path.read_bytes())
         except OSError as exc:
             report.skipped.append(Skipped(ref.source, f"cannot read: {exc.strerror or exc}"))
             continue
@@ -227,6 +236,8 @@ def _consume(
             elif kind == "same":
                 seen.add(payload)
                 report.unchanged += 1
+            elif kind == "guess":
+                report.guessed_encodings.append(payload)
             elif kind == "doc":
                 seen.add(payload.doc.doc_id)
                 batch.append(payload)
@@ -297,9 +308,9 @@ def _job_lock(db_dir: Path, table: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise StoreError(
+            raise StoreBusyError(
                 f"another ingest job is writing table {table!r} in {db_dir}",
-                hint="wait for it to finish, or ingest into another --table",
+                hint="retry when it has finished, or ingest into another --table",
             ) from exc
         yield
     finally:

@@ -6,7 +6,6 @@ and the embedder never waits on them (measured: under 2% of a full job outside `
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -14,8 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ingest.chunker import Chunk, Tokens, chunk_sections
-from ingest.documents import Document, SkipFile, Skipped
-from ingest.formats import FileRef, load_documents
+from ingest.documents import Document, GuessedEncoding, SkipFile, Skipped
+from ingest.formats import FileRef, content_fingerprint, load_documents
 from ingest.rows import chunk_ids, doc_version
 from ingest.settings import IngestSettings
 from ragcache.store import DocState
@@ -36,8 +35,8 @@ class DocWork:
 
 
 class DocumentProducer(threading.Thread):
-    """Reads, parses and chunks files into a bounded queue of ("doc" | "skip" | "same" | "file",
-    payload) items, ending with END or ("error", exception)."""
+    """Reads, parses and chunks files into a bounded queue of ("doc" | "skip" | "same" | "guess" |
+    "file", payload) items, ending with END or ("error", exception)."""
 
     def __init__(
         self,
@@ -68,7 +67,7 @@ class DocumentProducer(threading.Thread):
     def _file(self, ref: FileRef) -> None:
         try:
             data = ref.path.read_bytes()
-            loaded = load_documents(ref, data, hashlib.sha256(data).hexdigest())
+            loaded = load_documents(ref, data, content_fingerprint(ref.path, data))
         except SkipFile as exc:
             self._put(("skip", (Skipped(ref.source, exc.reason), ref.source)))
             return
@@ -81,6 +80,8 @@ class DocumentProducer(threading.Thread):
             reason = f"loader failed: {type(exc).__name__}: {exc}"
             self._put(("skip", (Skipped(ref.source, reason), ref.source)))
             return
+        if loaded.guessed_encoding is not None:
+            self._put(("guess", GuessedEncoding(ref.source, loaded.guessed_encoding)))
         for skipped in loaded.skipped:
             # A bad line may hold a record stored earlier: keep the file's records from --sync.
             self._put(("skip", (skipped, ref.source)))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Any
 
-from ingest.documents import Skipped
+from ingest.documents import GuessedEncoding, Skipped
 
 
 @dataclass
@@ -20,7 +22,9 @@ class JobReport:
     updated: list[str] = field(default_factory=list)  # doc ids whose chunks were replaced
     deleted: list[str] = field(default_factory=list)  # doc ids removed by --sync
     unchanged: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # meant to be read, and could not be
+    ignored: list[Skipped] = field(default_factory=list)  # of kinds ingest never reads (.css, .png)
+    guessed_encodings: list[GuessedEncoding] = field(default_factory=list)  # ingested, not UTF-8
     chunks_written: int = 0
     removed_chunk_ids: list[str] = field(default_factory=list)
     maintenance: list[str] = field(default_factory=list)
@@ -30,7 +34,8 @@ class JobReport:
 
     @property
     def partial(self) -> bool:
-        """True when something was left out: the CLI exits with EXIT_PARTIAL."""
+        """True when something ingest reads was left out: the CLI exits with EXIT_PARTIAL.
+        Ignored files (kinds ingest never reads) and guessed encodings do not make a job partial."""
         return bool(self.skipped)
 
     @property
@@ -46,12 +51,23 @@ class JobReport:
         lines = [
             f"ingest into {self.db} (table {self.table}) in {self.elapsed_s:.1f} s: "
             f"{len(self.added)} added, {len(self.updated)} updated, {len(self.deleted)} deleted, "
-            f"{self.unchanged} unchanged, {len(self.skipped)} skipped",
+            f"{self.unchanged} unchanged, {len(self.skipped)} skipped, {len(self.ignored)} ignored",
             f"  {self.chunks_written} chunks written ({self.chunks_per_s:.1f}/s), "
             f"{len(self.removed_chunk_ids)} chunk ids removed, {self.total_chunks} chunks stored",
         ]
         lines += [f"  {m}" for m in self.maintenance]
         lines += [f"  skipped {s.path}: {s.reason}" for s in self.skipped]
+        lines += [
+            f"  guessed encoding {g.encoding} for {g.path} (not UTF-8: check that it reads right)"
+            for g in self.guessed_encodings
+        ]
+        if self.ignored:
+            # Grouped: a site folder may hold thousands of images; --json lists every path.
+            kinds = Counter(PurePath(i.path).suffix.lower() or "(no suffix)" for i in self.ignored)
+            counts = ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items()))
+            lines.append(
+                f"  ignored {len(self.ignored)} files of kinds ingest does not read: {counts}"
+            )
         return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 
 Folders are walked without trusting symlinks: a directory reached twice (a symlink loop, or two links
 to one folder) is walked once and the repeat reported, so a loop cannot hang the job.
+What is left out falls in three lists: `missing` PATH arguments (the job refuses to start, see
+require_found), `skipped` paths that ingest meant to read and could not (the job is partial), and
+`ignored` files of kinds ingest never reads, met in a folder or a glob (.css, .png: not a failure).
 """
 
 from __future__ import annotations
@@ -11,13 +14,23 @@ import fnmatch
 import glob
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ingest.documents import Skipped
 from ingest.formats import FileRef, is_supported
+from ragcache.errors import RagcacheError
 
 DEFAULT_EXCLUDES = (".*", "__pycache__", "node_modules", "*.pyc")
+# A PATH argument that is not there is a typo or a wrong folder, not a file to skip.
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
+
+
+class SourceNotFoundError(RagcacheError):
+    """A PATH argument does not exist: the job stops before it opens or creates the store."""
+
+    exit_code = 66  # EX_NOINPUT (sysexits.h): "an input file did not exist"
+    http_status = 404
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,8 @@ class Scan:
     skipped: list[Skipped]
     roots: list[str]  # absolute folders and files scanned
     patterns: list[str]  # absolute glob patterns scanned
+    missing: list[Skipped] = field(default_factory=list)  # PATH arguments that do not exist
+    ignored: list[Skipped] = field(default_factory=list)  # files of kinds ingest does not read
 
     def covers(self, source: str) -> bool:
         """True if a stored document's source lies where this scan looked: --sync may delete it
@@ -42,26 +57,51 @@ def scan_paths(paths: Sequence[str], excludes: Sequence[str] = DEFAULT_EXCLUDES)
     """Files under `paths` in a stable order. Never raises for a bad path: it is reported instead."""
     files: dict[str, FileRef] = {}
     skipped: list[Skipped] = []
+    ignored: list[Skipped] = []
+    missing: list[Skipped] = []
     roots: list[str] = []
     patterns: list[str] = []
     for arg in paths:
         if glob.has_magic(arg):
             patterns.append(os.path.abspath(os.path.expanduser(arg)))
             matches = sorted(glob.glob(arg, recursive=True))
+            # Kept a skip, not `missing`: with --sync an empty glob means "all of these are gone".
             if not matches:
                 skipped.append(Skipped(arg, "no file matches this pattern"))
             base = _glob_base(arg)
             for match in matches:
-                _add(Path(match), base, excludes, files, skipped, [])
+                _add(Path(match), base, excludes, files, skipped, ignored, [])
             continue
         path = Path(arg).expanduser()
         try:
             path.stat()
         except OSError as exc:
-            skipped.append(Skipped(arg, _stat_reason(exc)))
+            found = missing if exc.errno in _MISSING_ERRNOS else skipped
+            found.append(Skipped(arg, _stat_reason(exc)))
             continue
-        _add(path, path.parent, excludes, files, skipped, roots)
-    return Scan(sorted(files.values(), key=lambda f: f.doc_id), skipped, roots, patterns)
+        # A file named on the command line was asked for: an unsupported kind is then a skip.
+        unread = ignored if path.is_dir() else skipped
+        _add(path, path.parent, excludes, files, skipped, unread, roots)
+    files_in_order = sorted(files.values(), key=lambda f: f.doc_id)
+    return Scan(files_in_order, skipped, roots, patterns, missing, ignored)
+
+
+def require_found(scan: Scan) -> None:
+    """Raise SourceNotFoundError naming every PATH argument that does not exist."""
+    if not scan.missing:
+        return
+    names = ", ".join(_shown(m.path) for m in scan.missing)
+    what = "PATH does not exist" if len(scan.missing) == 1 else "PATHs do not exist"
+    raise SourceNotFoundError(
+        f"{what}: {names}",
+        hint="check the spelling and the current folder; nothing was ingested or changed",
+    )
+
+
+def _shown(arg: str) -> str:
+    path = os.path.expanduser(arg)
+    shown = arg if os.path.isabs(path) else f"{arg} (= {os.path.abspath(path)})"
+    return f"{shown}, a broken symlink" if os.path.islink(path) else shown
 
 
 def _add(
@@ -70,13 +110,15 @@ def _add(
     excludes: Sequence[str],
     files: dict[str, FileRef],
     skipped: list[Skipped],
+    ignored: list[Skipped],
     roots: list[str],
 ) -> None:
+    """Add a PATH argument or glob match; files of unsupported kinds go to `ignored`."""
     roots.append(os.path.abspath(path))
     if path.is_dir():
-        _walk(path, base, excludes, files, skipped, set())
+        _walk(path, base, excludes, files, skipped, ignored, set())
     else:
-        _file(path, base, excludes, files, skipped)
+        _file(path, base, excludes, files, skipped, ignored)
 
 
 def _walk(
@@ -85,6 +127,7 @@ def _walk(
     excludes: Sequence[str],
     files: dict[str, FileRef],
     skipped: list[Skipped],
+    ignored: list[Skipped],
     seen: set[tuple[int, int]],
 ) -> None:
     stat = folder.stat()
@@ -111,9 +154,9 @@ def _walk(
             skipped.append(Skipped(str(path), _stat_reason(exc)))
             continue
         if is_dir:
-            _walk(path, base, excludes, files, skipped, seen)
+            _walk(path, base, excludes, files, skipped, ignored, seen)
         else:
-            _file(path, base, excludes, files, skipped)
+            _file(path, base, excludes, files, skipped, ignored)
 
 
 def _file(
@@ -122,6 +165,7 @@ def _file(
     excludes: Sequence[str],
     files: dict[str, FileRef],
     skipped: list[Skipped],
+    ignored: list[Skipped],
 ) -> None:
     if _excluded(path, base, excludes):
         return
@@ -129,7 +173,7 @@ def _file(
         skipped.append(Skipped(str(path), "not a regular file"))
         return
     if not is_supported(path):
-        skipped.append(Skipped(str(path), f"unsupported format {path.suffix or '(no suffix)'}"))
+        ignored.append(Skipped(str(path), f"unsupported format {path.suffix or '(no suffix)'}"))
         return
     doc_id = _relative(path, base)
     files.setdefault(doc_id, FileRef(path=path, doc_id=doc_id, source=os.path.abspath(path)))

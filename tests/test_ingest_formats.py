@@ -107,13 +107,35 @@ def test_unusable_text_is_skipped_with_a_reason(data, reason):
 
 
 def test_encodings_are_detected():
-    assert decode_text("naïve".encode("utf-16")) == ("naïve", "utf-16")
-    assert decode_text(b"\xef\xbb\xbfbom") == ("bom", "utf-8-sig")
+    assert decode_text("naïve".encode("utf-16"))[:2] == ("naïve", "utf-16")
+    assert decode_text(b"\xef\xbb\xbfbom")[:2] == ("bom", "utf-8-sig")
     text = "Le café est prêt. Voilà une façade très naïve, à côté de l'hôtel. " * 10
-    decoded, encoding = decode_text(text.encode("cp1252"))
-    assert encoding != "utf-8" and decoded.startswith("Le caf") and "\ufffd" not in decoded
+    assert decode_text(text.encode("cp1252")) == (text, "cp1252", True)
+
+
+def test_a_guessed_encoding_is_passed_on_with_the_documents():
+    text = "Voilà une façade très naïve.\n"
+    assert _load("fr.txt", text.encode("cp1252")).guessed_encoding == "cp1252"
+    assert _load("fr.txt", text.encode("utf-8")).guessed_encoding is None
+    records = '{"id": "a", "text": "Grüße aus München"}\n'.encode("latin-1")
+    loaded = _load("r.jsonl", records)
+    assert loaded.guessed_encoding == "cp1252" and "München" in loaded.documents[0].sections[0].text
 
 
 def test_unknown_format_is_skipped():
     with pytest.raises(SkipFile, match="unsupported format .xyz"):
         _load("a.xyz", b"data")
+
+
+def test_only_legacy_encoded_text_carries_the_decoder_version_in_its_fingerprint() -> None:
+    # A better guess for non-UTF-8 text must re-ingest those files, and only those: UTF-8 text
+    # and binary formats decode the same whatever the code-page guesser does.
+    import hashlib
+
+    from ingest.formats import LEGACY_DECODER_VERSION, content_fingerprint
+
+    utf8 = "Café crème".encode()
+    legacy = "Café crème".encode("cp1252")
+    assert content_fingerprint(Path("a.md"), utf8) == hashlib.sha256(utf8).hexdigest()
+    assert content_fingerprint(Path("a.md"), legacy).endswith(f"legacy{LEGACY_DECODER_VERSION}")
+    assert content_fingerprint(Path("a.pdf"), legacy) == hashlib.sha256(legacy).hexdigest()

@@ -6,11 +6,12 @@ with a reason when the content cannot be used; the job records the reason and go
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.decode import decode_text
+from ingest.decode import Decoded, decode_text
 from ingest.documents import Document, SkipFile, Skipped
 from ingest.formats import html, jsonl, markdown, pdf, rst, text
 
@@ -62,10 +63,29 @@ def is_multi_document(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The documents of one file, and the parts of it (JSONL lines) that were left out."""
+    """The documents of one file, the parts of it (JSONL lines) that were left out, and the
+    encoding its text was decoded with when that was a guess (see decode.Decoded)."""
 
     documents: list[Document]
     skipped: list[Skipped]
+    guessed_encoding: str | None = None
+
+
+# Version of the guess for text that is not UTF-8 (ingest/codepages.py). Part of such files'
+# fingerprints only: a better guess re-ingests them, and only them (bumping PIPELINE_VERSION
+# would re-embed every stored document, UTF-8 ones included, whose text cannot change).
+LEGACY_DECODER_VERSION = "2"
+
+
+def content_fingerprint(path: Path, data: bytes) -> str:
+    """The hash that says whether a file changed since it was ingested."""
+    digest = hashlib.sha256(data).hexdigest()
+    if format_of(path) in TEXT_LOADERS or format_of(path) in JSONL_SUFFIXES:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{digest}:legacy{LEGACY_DECODER_VERSION}"
+    return digest
 
 
 def load_documents(ref: FileRef, data: bytes, fingerprint: str) -> Loaded:
@@ -76,17 +96,23 @@ def load_documents(ref: FileRef, data: bytes, fingerprint: str) -> Loaded:
     if suffix in BYTES_LOADERS:
         return _non_empty(BYTES_LOADERS[suffix](data, ref, fingerprint))
     if suffix in TEXT_LOADERS:
-        content, _encoding = decode_text(data)
-        return _non_empty(TEXT_LOADERS[suffix](content, ref, fingerprint))
+        decoded = decode_text(data)
+        docs = TEXT_LOADERS[suffix](decoded.text, ref, fingerprint)
+        return _non_empty(docs, _guess_of(decoded))
     if suffix in JSONL_SUFFIXES:
-        content, _encoding = decode_text(data)
-        docs, lines = jsonl.load(content, ref)
-        return Loaded(docs, [Skipped(f"{ref.source}:{n}", reason) for n, reason in lines])
+        decoded = decode_text(data)
+        docs, lines = jsonl.load(decoded.text, ref)
+        skipped = [Skipped(f"{ref.source}:{n}", reason) for n, reason in lines]
+        return Loaded(docs, skipped, _guess_of(decoded))
     raise SkipFile(f"unsupported format {suffix or '(no suffix)'}")
 
 
-def _non_empty(docs: list[Document]) -> Loaded:
+def _guess_of(decoded: Decoded) -> str | None:
+    return decoded.encoding if decoded.guessed else None
+
+
+def _non_empty(docs: list[Document], guessed_encoding: str | None = None) -> Loaded:
     kept = [d for d in docs if not d.is_empty]
     if not kept:
         raise SkipFile("no text found")
-    return Loaded(kept, [])
+    return Loaded(kept, [], guessed_encoding)
