@@ -43,7 +43,7 @@ from ragcache.datasets import load_dataset  # noqa: E402
 from ragcache.engine import Engine  # noqa: E402
 from ragcache.model_loader import LoadedModel, load_model  # noqa: E402
 from ragcache.settings import load_settings  # noqa: E402
-from ragcache.worker import ModelWorker, WorkerSettings  # noqa: E402
+from ragcache.runtime import ModelWorker, WorkerSettings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 GIB = 1 << 30

@@ -57,6 +57,7 @@ class Source:
     heading_path: tuple[str, ...]
     position: int
     score: float
+    text: str = ""  # the chunk's text, so a reader can see the passage a quote comes from
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "heading_path": list(self.heading_path)}
@@ -247,6 +248,7 @@ class Answerer:
                     h.heading_path,
                     h.position,
                     h.score,
+                    h.text,
                 )
             )
         rank = {h.chunk_id: i for i, h in enumerate(retrieval.hits)}

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +78,7 @@ class SentenceTransformerEmbedder:
             )
         self._model: Any = None
         self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
         self._identity = _folder_identity(self.path)
 
     @property
@@ -112,7 +113,9 @@ class SentenceTransformerEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self.model
-        with single_threaded_openblas():
+        # One encode at a time: torch already spreads one over every core, and concurrent
+        # encodes from the request threads would only oversubscribe them.
+        with self._encode_lock, single_threaded_openblas():
             vectors = model.encode(
                 list(texts),
                 batch_size=self.settings.batch_size,
@@ -126,24 +129,55 @@ class SentenceTransformerEmbedder:
         return self.embed([text])[0]
 
 
-@contextmanager
-def single_threaded_openblas() -> Iterator[None]:
-    """Run torch with OpenBLAS at one thread, then restore its count.
+class _OpenBlasLease:
+    """OpenBLAS at one thread while any embedding runs; its count restored when the last ends.
 
     `import ragcache` loads the system OpenBLAS (pthread build) globally for MLX; torch then binds
     some BLAS calls to it, and its threads fight torch's own OpenMP threads: encode ran 5-7x slower
-    on 2 cores (measured). Torch keeps its own parallelism; MLX gets its threads back afterwards.
+    on 2 cores (measured). OpenBLAS 0.3.21 (Debian 12) has only a process-wide thread count (no
+    `openblas_set_num_threads_local`), so the lease is reference-counted: embeddings running on
+    several threads at once share one lease, and the count is restored exactly once, by the last
+    to leave. A save-and-restore per call is not reentrant: two overlapping calls could leave
+    MLX at one thread for good.
     """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        lib = _openblas()
+        if lib is None:
+            yield
+            return
+        with self._lock:
+            if self._holders == 0:
+                self._before = int(lib.openblas_get_num_threads())
+                lib.openblas_set_num_threads(1)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    lib.openblas_set_num_threads(self._before)
+
+
+_OPENBLAS_LEASE = _OpenBlasLease()
+
+
+def single_threaded_openblas() -> AbstractContextManager[None]:
+    """OpenBLAS at one thread for the duration (see `_OpenBlasLease`); safe from any thread."""
+    return _OPENBLAS_LEASE.hold()
+
+
+def openblas_threads() -> int | None:
+    """OpenBLAS's current thread count; None when MLX is not running on OpenBLAS."""
     lib = _openblas()
-    if lib is None:
-        yield
-        return
-    before = int(lib.openblas_get_num_threads())
-    lib.openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        lib.openblas_set_num_threads(before)
+    return None if lib is None else int(lib.openblas_get_num_threads())
 
 
 @functools.cache

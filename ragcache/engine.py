@@ -1,31 +1,29 @@
-"""The generation engine: prefill in steps (resuming from the prefix cache), then stream tokens.
+"""The generation engine: one loaded model, its prefix cache, and its model worker.
 
-One engine owns one loaded model and, optionally, its prefix cache. It is not thread-safe: one
-worker calls it at a time. The decode loop is mlx-lm's own `generate_step`, so decode speed is
-mlx-lm's; what the engine adds is prefill that starts at the cached prefix and pauses at the
-cache's capture positions to snapshot state there.
+The engine holds what runs the model: prefill in steps from the cached prefix, pausing at the
+cache's capture positions to snapshot state there. Generating (`stream`, `generate`) goes through
+the engine's one model worker (`ragcache.runtime`), the single execution path of every request:
+the engine's model code runs on that worker's thread only.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from ragcache.errors import PromptTooLongError
-from ragcache.loop_guard import LoopGuard
 from ragcache.model_loader import LoadedModel
-from ragcache.sampling import SamplingParams, StopMatcher
+from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 from ragcache.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from ragcache.runtime import ModelWorker
 
 
 class CacheSessionLike(Protocol):
@@ -54,6 +52,9 @@ class GenerationStats:
     decode_s: float
     peak_memory_bytes: int
     finish_reason: str  # "stop" (eos or stop string), "length", "loop", "cancelled"
+    drafted_tokens: int = 0  # speculation: draft tokens checked by the model
+    accepted_tokens: int = 0  # of those, the ones it agreed with (each saved a decode step)
+    decode_steps: int = 0  # forward passes after the first token (0 when not counted)
 
     @property
     def prefill_tps(self) -> float:
@@ -76,6 +77,8 @@ class GenerationStats:
             "decode_tps": round(self.decode_tps, 2),
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
         }
 
 
@@ -93,14 +96,6 @@ class Completion:
     lookup: Any = None  # the cache's LookupStats when a cache is attached
 
 
-@dataclass
-class _Timer:
-    start: float = field(default_factory=time.perf_counter)
-
-    def since(self) -> float:
-        return time.perf_counter() - self.start
-
-
 class Engine:
     """Generate from a segmented prompt with an optional prefix cache."""
 
@@ -113,6 +108,8 @@ class Engine:
         self.loaded = loaded
         self.settings = settings or GenerationSettings()
         self.cache = cache
+        self._worker: ModelWorker | None = None
+        self._worker_lock = threading.Lock()
 
     def check_fits(self, n_prompt: int) -> None:
         limit = self.loaded.context_length
@@ -122,6 +119,35 @@ class Engine:
                 f"({n_prompt - limit + 1} too many)",
                 hint="shorten the prompt, retrieve fewer chunks, or use a model with a longer context",
             )
+
+    # -- the runtime --------------------------------------------------------------------------
+    def attach_worker(self, worker: ModelWorker) -> None:
+        """Make `worker` the one that runs this engine (called by ModelWorker itself). An idle
+        previous worker is stopped: two threads must never run one model and cache."""
+        with self._worker_lock:
+            old = self._worker
+            if old is not None and old is not worker and old.running:
+                if old.in_flight:
+                    raise RuntimeError("this engine's worker is busy; stop it first")
+                old.stop()
+            self._worker = worker
+
+    def worker(self) -> ModelWorker:
+        """The model worker that runs this engine's generations, started on first use."""
+        with self._worker_lock:
+            worker = self._worker
+        if worker is None or not worker.running:
+            from ragcache.runtime import ModelWorker
+
+            worker = ModelWorker(self).start()
+        return worker
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker (in-flight requests finish first) and flush the cache's disk tier."""
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop(timeout_s)
 
     def generate(
         self,
@@ -143,128 +169,12 @@ class Engine:
     ) -> Iterator[TextDelta | Completion]:
         """Yield TextDelta events as text is decoded, then one Completion.
 
-        Raises PromptTooLongError before any work if the prompt does not fit the context.
+        Runs on this engine's model worker, like every generation (a client of one is a batch of
+        one). Raises PromptTooLongError before any work if the prompt does not fit the context.
         Setting `cancel` stops at the next prefill step or token (finish_reason "cancelled");
         whatever was computed still goes into the cache.
         """
-        params = (params or SamplingParams()).validate()
-        tokens = prompt.tokens
-        self.check_fits(len(tokens))
-        max_tokens = min(params.max_tokens, self.loaded.context_length - len(tokens))
-        timer = _Timer()
-        mx.reset_peak_memory()
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-
-        session = self.cache.begin(tokens, prompt.boundaries) if self.cache else None
-        prompt_cache = session.prompt_cache if session else make_prompt_cache(self.loaded.model)
-        start = session.start if session else 0
-        try:
-            position = self._prefill(tokens, start, prompt_cache, session, cancel)
-            cancelled = cancel is not None and cancel.is_set()
-            if not cancelled:
-                # The last piece of the prompt gives the first token's logits.
-                sampler = make_sampler(params.temperature, params.top_p)
-                logits = self._last_logits(mx.array(tokens[position:])[None], prompt_cache)
-                first = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-                mx.eval(first)
-        except BaseException:
-            if session:
-                session.abort()
-            raise
-        if cancelled:
-            if session:
-                session.finish(tokens[:position])
-            stats = self._stats(tokens, start, [], timer, timer.since(), 0.0, "cancelled")
-            yield Completion("", [], stats, session.lookup if session else None)
-            return
-        ttft_s = prefill_s = timer.since()
-
-        generated: list[int] = []
-        seen: list[int] = []  # every token fed back to the model, eos included
-        text_parts: list[str] = []
-        stopper = StopMatcher(params.stop)
-        guard = LoopGuard() if params.stop_loops else None
-        detok = self.loaded.tokenizer.detokenizer
-        detok.reset()
-        eos = self.loaded.eos_token_ids
-        finish_reason = "length"
-
-        def tokens_out() -> Iterator[int]:
-            yield int(first.item())  # type: ignore[arg-type]
-            if max_tokens > 1:
-                steps = generate_step(
-                    first.reshape(1),
-                    self.loaded.model,
-                    prompt_cache=prompt_cache,
-                    sampler=sampler,
-                    max_tokens=max_tokens - 1,
-                )
-                for token, _logprobs in steps:
-                    yield int(token)
-
-        try:
-            for token in tokens_out():
-                seen.append(token)
-                if token in eos:
-                    finish_reason = "stop"
-                    break
-                generated.append(token)
-                detok.add_token(token)
-                text, hit = stopper.feed(detok.last_segment)
-                if text:
-                    text_parts.append(text)
-                    yield TextDelta(text, token)
-                if hit:
-                    finish_reason = "stop"
-                    break
-                if guard is not None and guard.feed(token):
-                    finish_reason = "loop"
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish_reason = "cancelled"
-                    break
-            else:
-                detok.finalize()
-                text, hit = stopper.feed(detok.last_segment)
-                if text:
-                    text_parts.append(text)
-                    yield TextDelta(text, generated[-1] if generated else -1)
-        except BaseException:
-            if session:
-                session.abort()
-            raise
-        if finish_reason != "stop" or not params.stop:
-            tail = stopper.flush()
-            if tail:
-                text_parts.append(tail)
-                yield TextDelta(tail, generated[-1] if generated else -1)
-        decode_s = timer.since() - prefill_s
-        if session:
-            # generate_step runs one step ahead, so the cache may hold one token more than was
-            # yielded; its offset says exactly which tokens it covers.
-            session.finish((list(tokens) + seen)[: _cache_offset(prompt_cache)])
-        stats = self._stats(tokens, start, generated, timer, ttft_s, decode_s, finish_reason)
-        text = "".join(text_parts)
-        if finish_reason == "loop" and guard is not None:  # keep the first copy, drop repeats
-            generated = generated[: guard.keep_tokens]
-            text = self.loaded.tokenizer.decode(generated)
-        yield Completion(text, generated, stats, session.lookup if session else None)
-
-    def _prefill(
-        self,
-        tokens: Sequence[int],
-        start: int,
-        prompt_cache: list[Any],
-        session: CacheSessionLike | None,
-        cancel: threading.Event | None,
-    ) -> int:
-        """Run `prefill_steps` to the end; return where the final piece starts."""
-        position = start
-        for position in self.prefill_steps(tokens, start, prompt_cache, session):  # noqa: B007
-            if cancel is not None and cancel.is_set():
-                break
-        return position
+        yield from self.worker().submit(prompt, params).follow(cancel)
 
     def prefill_steps(
         self,
@@ -299,14 +209,6 @@ class Engine:
             mx.clear_cache()
             yield position
 
-    def _last_logits(self, x: mx.array, cache: list[Any]) -> mx.array:
-        """Logits (1, vocab) after the last token of `x`, with the output layer on that row only."""
-        model = self.loaded.model
-        inner, head = _inner_transformer(model), _output_head(model)
-        if inner is not None and head is not None:
-            return head(inner(x, cache=cache)[:, -1:, :])[:, -1, :]
-        return model(x, cache=cache)[:, -1, :]
-
     def _forward(self, x: mx.array, cache: list[Any]) -> None:
         """Run the model over prefill tokens for their KV only.
 
@@ -319,28 +221,6 @@ class Engine:
         else:
             self.loaded.model(x, cache=cache)
 
-    def _stats(
-        self,
-        tokens: Sequence[int],
-        start: int,
-        generated: list[int],
-        timer: _Timer,
-        ttft_s: float,
-        decode_s: float,
-        finish_reason: str,
-    ) -> GenerationStats:
-        return GenerationStats(
-            prompt_tokens=len(tokens),
-            cached_tokens=start,
-            recomputed_tokens=len(tokens) - start,
-            generated_tokens=len(generated),
-            ttft_s=ttft_s,
-            prefill_s=ttft_s,
-            decode_s=decode_s,
-            peak_memory_bytes=int(mx.get_peak_memory()),
-            finish_reason=finish_reason,
-        )
-
 
 def _inner_transformer(model: Any) -> Any:
     """mlx-lm models wrap a `model` that maps tokens to hidden states and takes `cache`."""
@@ -352,36 +232,3 @@ def _inner_transformer(model: Any) -> Any:
     except (TypeError, ValueError):
         return None
     return inner if "cache" in params else None
-
-
-# Model types whose logits are exactly the output layer applied to the inner model's hidden
-# states (no soft-capping or scaling), so the layer may run on the last row alone.
-_PLAIN_HEAD_TYPES = {
-    "llama",
-    "gemma3_text",
-    "qwen2",
-    "qwen3",
-    "mistral",
-    "phi3",
-    "olmo2",
-    "smollm3",
-}
-
-
-def _output_head(model: Any) -> Any:
-    if getattr(model, "model_type", None) not in _PLAIN_HEAD_TYPES:
-        return None
-    args = getattr(model, "args", None)
-    tied = getattr(model, "tie_word_embeddings", None)
-    if tied is None:
-        tied = getattr(args, "tie_word_embeddings", False)
-    if not tied and hasattr(model, "lm_head"):
-        return model.lm_head
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    return embed.as_linear if embed is not None and hasattr(embed, "as_linear") else None
-
-
-def _cache_offset(prompt_cache: list[Any]) -> int:
-    offsets = [getattr(c, "offset", None) for c in prompt_cache]
-    known = [o for o in offsets if isinstance(o, int)]
-    return min(known) if known else 0

@@ -8,6 +8,8 @@ from typing import Any
 
 from ragcache.errors import InvalidRequestError
 
+SPECULATION_MODES = ("lookup", "off")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,6 +19,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_loops: bool = True  # end (finish_reason "loop") when the text starts repeating itself
+    # "lookup": greedy decoding drafts tokens from the prompt and verifies them in one pass
+    # (ragcache.runtime.speculate; the tokens are the same); "off": one token per step.
+    speculation: str = "lookup"
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequestError on out-of-range values; return self for chaining."""
@@ -28,6 +33,11 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
+        if self.speculation not in SPECULATION_MODES:
+            raise InvalidRequestError(
+                f"unknown speculation mode {self.speculation!r}",
+                hint="one of: " + ", ".join(SPECULATION_MODES),
+            )
         return self
 
 

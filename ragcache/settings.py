@@ -64,6 +64,7 @@ class Settings:
 # Environment variable -> (section, field). Sections are the fields of Settings.
 _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_HOME": (None, "home"),
+    "RAGCACHE_FAILPOINTS": (None, "failpoints"),  # read by ragcache.failpoints
     "RAGCACHE_BLAS": ("blas", "mode"),
     "RAGCACHE_BLAS_LIBRARY": ("blas", "library"),
     "RAGCACHE_MODEL": ("model", "name"),

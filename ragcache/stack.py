@@ -44,7 +44,8 @@ class Stack:
     answerer: Answerer
 
     def close(self) -> None:
-        """Persist the cache's disk tier so the next process starts warm."""
+        """Stop the model worker, persist the cache's disk tier so the next process starts warm."""
+        self.engine.close()
         if self.cache is not None:
             self.cache.flush()
 

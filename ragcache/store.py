@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ragcache.errors import RagcacheError
+from ragcache.errors import InvalidRequestError, RagcacheError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ class StoreError(RagcacheError):
 
     exit_code = 6
     http_status = 500
+
+
+class StoreBusyError(StoreError):
+    """Another job holds the table's write lock: nothing is wrong, the write can simply be retried."""
+
+    exit_code = 75  # EX_TEMPFAIL
+    http_status = 503
+
+    def __init__(self, message: str, hint: str | None = None, retry_after_s: float = 10.0) -> None:
+        super().__init__(message, hint)
+        self.retry_after_s = retry_after_s
 
 
 class SchemaMismatchError(StoreError):
@@ -153,6 +164,28 @@ def tokenizer_identity(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_where(where: str) -> str:
+    """`where` if it is one SQL condition; raises InvalidRequestError for a second statement.
+
+    LanceDB evaluates the text up to the first `;` and silently ignores the rest, so
+    `"doc_id = 'a'; DELETE ..."` would run as a filter the caller never wrote. A `;` inside a
+    quoted string or identifier is text, not a separator.
+    """
+    quote = ""
+    for char in where:
+        if quote:
+            if char == quote:
+                quote = ""  # a doubled quote ('') closes and reopens: the same state
+        elif char in "'\"":
+            quote = char
+        elif char == ";":
+            raise InvalidRequestError(
+                f"the where filter holds a second statement after ';': {where[:200]!r}",
+                hint="one SQL condition on chunk columns, e.g. \"source LIKE '%faq%'\"",
+            )
+    return where
+
+
 def sql_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -170,9 +203,47 @@ _HIT_COLUMNS = [
 class ChunkStore:
     """A LanceDB chunk table. Create with `open_store`."""
 
-    def __init__(self, table: Any, settings: StoreSettings) -> None:
+    def __init__(self, table: Any, settings: StoreSettings, db: Any = None) -> None:
         self.table = table
         self.settings = settings
+        self.db = db  # the connection, for reading past versions beside the live handle
+
+    @property
+    def version(self) -> int:
+        """The table version this handle reads (each commit makes a new one)."""
+        return int(self.table.version)
+
+    def refresh(self) -> int:
+        """See the latest commit, whichever process made it; return the version now read.
+
+        A handle keeps reading the version it opened until told otherwise: another process's
+        ingest job is invisible to it until then.
+        """
+        self.table.checkout_latest()
+        return self.version
+
+    def chunk_ids(self) -> set[str]:
+        """Every chunk id in the table (one column read)."""
+        data = self.table.search().select(["chunk_id"]).limit(None).to_arrow()
+        return set(data["chunk_id"].to_pylist())
+
+    def rows_at(self, version: int, chunk_ids: Sequence[str], columns: Sequence[str]) -> list[dict]:
+        """Columns of `chunk_ids` as they were at table `version` (LanceDB keeps past versions
+        until compaction cleans them up); [] when that version is gone."""
+        if not chunk_ids or self.db is None:
+            return []
+        try:
+            past = self.db.open_table(self.settings.table)
+            past.checkout(version)
+        except Exception as exc:  # cleaned up by optimize(), or never existed
+            log.info("table version %s is no longer readable: %s", version, exc)
+            return []
+        out: list[dict] = []
+        ids = list(chunk_ids)
+        for i in range(0, len(ids), 1000):
+            query = past.search().where(in_list("chunk_id", ids[i : i + 1000]))
+            out.extend(query.select(list(columns)).limit(None).to_arrow().to_pylist())
+        return out
 
     @property
     def embedder_id(self) -> str:
@@ -266,7 +337,7 @@ class ChunkStore:
             .limit(k)
         )
         if where:
-            query = query.where(where, prefilter=True)
+            query = query.where(check_where(where), prefilter=True)
         rows = query.to_arrow().to_pylist()
         return [_hit(r, 1.0 - float(r["_distance"])) for r in rows]
 
@@ -282,7 +353,7 @@ class ChunkStore:
             .limit(k)
         )
         if where:
-            query = query.where(where, prefilter=True)
+            query = query.where(check_where(where), prefilter=True)
         return [_hit(r, float(r["_score"])) for r in query.to_arrow().to_pylist()]
 
     def search_hybrid(
@@ -379,7 +450,7 @@ def open_store(
     except Exception as exc:  # lancedb raises bare OSError/ValueError/RuntimeError here
         raise StoreError(f"cannot open the store at {db_dir}: {exc}") from exc
     _check_schema(table.schema, db_dir, settings.table, embedder_id)
-    return ChunkStore(table, settings)
+    return ChunkStore(table, settings, db)
 
 
 def _open_existing(db: Any, name: str) -> Any:

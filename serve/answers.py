@@ -57,6 +57,7 @@ def source_out(s: Source) -> SourceOut:
         heading_path=list(s.heading_path),
         position=s.position,
         score=float(s.score),
+        text=s.text,
     )
 
 

@@ -62,6 +62,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="beyond: 429")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
+    p.add_argument(
+        "--store-refresh",
+        type=float,
+        default=d.store_refresh_s,
+        help="seconds between checks for commits other processes (ingest jobs) made to the "
+        "store; 0: never",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -90,6 +97,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         shutdown_timeout_s=args.shutdown_timeout,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        store_refresh_s=args.store_refresh,
         answer_mode=args.mode,
         decline_below=args.decline_below,
     ).validate()

@@ -19,6 +19,7 @@ from ingest.formats import is_supported
 from ingest.pipeline import JobSpec, run_job
 from ragcache.errors import InvalidRequestError
 from ragcache.store import in_list, sql_quote
+from ragcache.store_watch import chunk_tokens
 from serve.errors import NotFoundError
 from serve.schemas import DeletedDocument, DocumentInfo, DocumentList, IngestResult, SkippedOut
 from serve.services import Services
@@ -68,13 +69,11 @@ def _chunk_spans(services: Services, where: str) -> dict[str, list[int]]:
         .to_pylist()
     )
     tokenizer, own_id = stack.loaded.tokenizer, stack.answerer.tokenizer_id
-    out = {}
-    for r in rows:
-        ids = r["token_ids"]
-        if r["tokenizer_id"] != own_id or not ids:  # the answerer re-tokenizes these the same way
-            ids = tokenizer.encode(r["text"], add_special_tokens=False)
-        out[r["chunk_id"]] = list(ids)
-    return out
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    return {r["chunk_id"]: chunk_tokens(r, tokenize, own_id) for r in rows}
 
 
 def _invalidate(services: Services, spans: Sequence[Sequence[int]]) -> int:

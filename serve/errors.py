@@ -50,6 +50,12 @@ class NotFoundError(InvalidRequestError):
     http_status = 404
 
 
+class UnknownModelError(NotFoundError):
+    """A request names a model this server does not run (OpenAI answers 404 `model_not_found`)."""
+
+    code = "model_not_found"
+
+
 def error_response(
     status: int,
     message: str,
@@ -79,9 +85,12 @@ def _ragcache_error(request: Request, exc: RagcacheError) -> Response:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     elif exc.http_status == 503:
         headers = {"Retry-After": "5"}
-    if exc.http_status >= 500:
+    if exc.http_status == 503:  # busy or restarting: the truth is "retry", not a failure
+        log.info("%s %s refused for now: %s", request.method, request.url.path, exc.message)
+    elif exc.http_status >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc)
-    return error_response(exc.http_status, exc.message, type(exc).__name__, exc.hint, None, headers)
+    code = getattr(exc, "code", None) or type(exc).__name__
+    return error_response(exc.http_status, exc.message, code, exc.hint, None, headers)
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:

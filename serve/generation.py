@@ -16,10 +16,10 @@ from litestar import Request
 
 from ragcache.engine import Completion, TextDelta
 from ragcache.errors import PromptTooLongError
+from ragcache.runtime import QueueFullError, Ticket
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
-from ragcache.worker import QueueFullError, Ticket
-from serve.errors import LimitExceededError
+from serve.errors import LimitExceededError, UnknownModelError
 from serve.services import AppState, Services
 
 MAX_STOP_STRINGS = 4
@@ -58,6 +58,18 @@ def sampling_params(state: AppState, services: Services, req: SamplingRequest) -
         stop=stop,
         stop_loops=req.stop_loops,
     ).validate()
+
+
+def check_model(services: Services, requested: str | None) -> None:
+    """Refuse a request for a model this server does not run, as OpenAI does (404), instead of
+    answering it with another model: a client with a typo must hear about it. An empty name
+    means the served model. `/v1/models` lists the names accepted."""
+    if requested and requested not in services.model_names:
+        served = ", ".join(services.model_names)
+        raise UnknownModelError(
+            f"the model {requested!r} does not exist on this server",
+            hint=f"this server runs {served} (GET /v1/models)",
+        )
 
 
 def refuse_if_busy(services: Services) -> None:

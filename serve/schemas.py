@@ -45,6 +45,7 @@ class SourceOut(_Wire, kw_only=True):
     heading_path: list[str]
     position: int
     score: float
+    text: str  # the chunk's text: quotes' start/end index into it
 
 
 # -- OpenAI-compatible ---------------------------------------------------------------------------
@@ -253,6 +254,8 @@ class CacheFigures(_Wire, kw_only=True):
     queue_depth: int
     in_flight: int
     active: int
+    worker_crashes: int = 0  # times the model worker crashed and restarted
+    worker_healthy: bool = True
 
 
 class Health(_Wire, kw_only=True):

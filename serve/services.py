@@ -21,13 +21,15 @@ from ragcache.answer import AnswerSettings
 from ragcache.cache import CacheSettings
 from ragcache.embedder import SentenceTransformerEmbedder
 from ragcache.retrieve import RetrievalSettings
+from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.settings import Settings
 from ragcache.stack import Stack, StackOptions, build_stack
 from ragcache.store import StoreSettings, open_store
-from ragcache.worker import ModelWorker, WorkerSettings
+from ragcache.store_watch import StoreWatcher
 from serve.batches import BatchManager
 from serve.errors import ServiceNotReadyError
 from serve.metrics import Metrics
+from serve.refresh import StoreRefresher
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,20 @@ class Services:
     uploads_dir: Path
     max_prompt_tokens: int
     default_max_tokens: int
+    refresher: StoreRefresher | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names a request may give in `model`: the served model's id and its folder's name."""
+        path = self.stack.loaded.path
+        names = [self.model_id] + ([path.name] if path is not None else [])
+        return tuple(dict.fromkeys(names))
 
     def close(self, timeout_s: float) -> None:
         """Let in-flight requests finish (up to `timeout_s`), then flush the KV disk tier."""
+        if self.refresher is not None:
+            self.refresher.stop()
         self.worker.stop(timeout_s)
         self.stack.close()
 
@@ -86,6 +98,7 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         stack.engine, WorkerSettings(max_queue=settings.max_queue, max_batch=settings.max_batch)
     )
     worker.start()
+    refresher = _store_refresher(stack, worker, settings.store_refresh_s)
     context = stack.loaded.context_length
     uploads = settings.resolved_uploads_dir(core.home)
     uploads.mkdir(parents=True, exist_ok=True)
@@ -99,7 +112,23 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         default_max_tokens=min(
             settings.default_max_tokens or core.generation.max_tokens, settings.max_tokens
         ),
+        refresher=refresher,
     )
+
+
+def _store_refresher(stack: Stack, worker: ModelWorker, interval_s: float) -> StoreRefresher:
+    tokenizer, cache = stack.loaded.tokenizer, stack.cache
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def invalidate(spans: list[list[int]]) -> int:
+        return worker.call(lambda: cache.invalidate(spans)) if cache is not None else 0
+
+    watcher = StoreWatcher(stack.store, tokenize, stack.answerer.tokenizer_id)
+    refresher = StoreRefresher(watcher, invalidate, interval_s)
+    refresher.start()
+    return refresher
 
 
 def _ensure_table(db_dir: Path, table: str) -> None:

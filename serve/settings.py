@@ -36,9 +36,12 @@ class ServeSettings:
     max_question_chars: int = 4000
     prepare_threads: int = 4  # retrieval + prompt assembly run beside the worker, this many at once
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
-    # The model worker's (ragcache.worker.WorkerSettings), kept here so the CLI need not import MLX.
+    # The model worker's (ragcache.runtime.WorkerSettings), kept here so the CLI need not import MLX.
     max_queue: int = 64  # requests waiting or running; beyond that: 429 with Retry-After
     max_batch: int = 8  # sequences decoded together
+    # How often the server looks for commits other processes made to the store (ingest jobs);
+    # 0 never looks. Cost when nothing changed: one manifest read (see benchmarks/faults.py).
+    store_refresh_s: float = 1.0
 
     def validate(self) -> ServeSettings:
         from ragcache.answer_policy import ANSWER_MODES
@@ -51,6 +54,8 @@ class ServeSettings:
         if self.decline_below is not None and not 0.0 <= self.decline_below <= 1.0:
             raise ConfigError(f"decline_below must be in [0, 1], got {self.decline_below}")
         """Raise ConfigError on values the service cannot use; return self."""
+        if self.store_refresh_s < 0:
+            raise ConfigError(f"store_refresh_s must be >= 0, got {self.store_refresh_s}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if self.api_key is not None and len(self.api_key) < 8:

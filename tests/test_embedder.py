@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from ragcache.embedder import SentenceTransformerEmbedder, _openblas
+from ragcache.embedder import (
+    SentenceTransformerEmbedder,
+    _openblas,
+    openblas_threads,
+    single_threaded_openblas,
+)
 from tests.ingest_support import embedder
 
 
@@ -29,3 +36,28 @@ def test_openblas_threads_are_restored_after_embedding():
     before = lib.openblas_get_num_threads() if lib is not None else None
     embedder().embed(["restore the thread count"])
     assert (lib.openblas_get_num_threads() if lib is not None else None) == before
+
+
+def test_overlapping_embeddings_from_many_threads_restore_openblas_once() -> None:
+    # The query path embeds on up to `prepare_threads` threads at once; a per-call save and
+    # restore could leave MLX's OpenBLAS at one thread for good.
+    before = openblas_threads()
+    emb = embedder()
+    seen_inside: list[int | None] = []
+    start = threading.Barrier(4)
+
+    def work(i: int) -> None:
+        start.wait()
+        for j in range(3):
+            with single_threaded_openblas():
+                seen_inside.append(openblas_threads())
+                emb.embed([f"question {i} {j}"])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert openblas_threads() == before
+    if before is not None:
+        assert set(seen_inside) == {1}

@@ -10,10 +10,13 @@ import pytest
 from ingest.chunker import Chunk
 from ingest.documents import Document, Section
 from ingest.rows import build_rows, chunk_ids
+from ragcache.errors import InvalidRequestError
 from ragcache.store import (
+    ChunkStore,
     SchemaMismatchError,
     SearchHit,
     StoreSettings,
+    check_where,
     chunk_schema,
     fuse_convex,
     fuse_rrf,
@@ -157,3 +160,17 @@ def test_convex_fusion_weights_normalised_scores():
     assert [h.chunk_id for h in fused] == ["a", "c", "b"]
     assert [h.score for h in fused] == pytest.approx([0.6, 0.4, 0.3])
     assert fuse_convex([([], 0.5), ([hit("x", 3.0)], 0.5)], k=1)[0].score == 0.5
+
+
+@pytest.mark.parametrize(
+    "where", ["doc_id = 'a'; DELETE FROM chunks", "position > 1 ;position < 0", "a = 1;"]
+)
+def test_a_where_with_a_second_statement_is_refused(store: ChunkStore, where: str) -> None:
+    # LanceDB would filter on the text before the ';' and silently drop the rest.
+    with pytest.raises(InvalidRequestError, match="second statement"):
+        store.search_vector(np.ones(DIM, dtype=np.float32), 3, where)
+
+
+def test_a_semicolon_inside_quotes_is_text(store: ChunkStore) -> None:
+    assert check_where("title = 'a;b' OR \"doc_id\" = 'it''s; fine'")
+    store.search_vector(np.ones(DIM, dtype=np.float32), 3, "title = 'a;b'")

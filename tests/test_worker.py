@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import pytest
 
+from ragcache import failpoints
 from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Completion, Engine, TextDelta
+from ragcache.errors import ConfigError
 from ragcache.model_loader import LoadedModel
+from ragcache.runtime import (
+    ModelWorker,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerSettings,
+    WorkerStoppedError,
+)
 from ragcache.sampling import SamplingParams
 from ragcache.segments import encode_segments
-from ragcache.worker import ModelWorker, QueueFullError, WorkerSettings, WorkerStoppedError
 
 TEXTS = [
     "The cache keeps the keys and values of every prefix it has seen.",
@@ -149,3 +158,47 @@ def test_loops_end_the_same_way_in_the_engine_and_the_worker(loaded: LoadedModel
     done = events[-1]
     assert isinstance(done, Completion) and done.stats.finish_reason == "loop"
     assert done.tokens == solo.tokens and done.text == solo.text
+
+
+@pytest.mark.parametrize("point", ["worker.on_token", "worker.join_batch", "worker.finish"])
+def test_a_crash_fails_its_requests_loudly_and_the_worker_restarts(
+    tiny_llama: LoadedModel, point: str
+) -> None:
+    prompts = [encode_segments(tiny_llama.tokenizer, [t]) for t in TEXTS]
+    params = SamplingParams(max_tokens=6)
+    solo = [Engine(tiny_llama).generate(p, params).tokens for p in prompts]
+    cache = PrefixCache(tiny_llama, CacheSettings(cache_bytes=1 << 28))
+    worker = ModelWorker(Engine(tiny_llama, cache=cache), WorkerSettings(max_batch=2))
+    worker.start()
+    try:
+        assert [result(worker.submit(p, params)).tokens for p in prompts[:2]] == solo[:2]
+        failpoints.arm(f"{point}=1")
+        tickets = [worker.submit(p, params) for p in prompts]  # 2 running, 2 queued
+        failed = 0
+        for ticket in tickets:
+            try:
+                result(ticket)
+            except WorkerCrashedError as exc:
+                failed += 1
+                assert exc.http_status == 503 and exc.retry_after_s > 0
+        assert failed >= 2  # the batch that crashed; nothing hangs, nothing is lost silently
+        assert worker.crashes == 1 and "InjectedFault" in (worker.last_crash or "")
+        deadline = time.monotonic() + 10
+        while not worker.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.healthy and worker.in_flight == 0
+        assert cache.tree.problems(expect_unpinned=True) == []
+        # Restarted: the same requests now complete, with the same tokens, reusing the cache.
+        again = [result(worker.submit(p, params)) for p in prompts]
+        assert [a.tokens for a in again] == solo
+        assert again[0].stats.cached_tokens > 0
+    finally:
+        failpoints.arm("")
+        worker.stop()
+
+
+def test_failpoint_specs() -> None:
+    assert failpoints.parse("a=3, b.c=1+") == {"a": (3, False), "b.c": (1, True)}
+    for bad in ("a", "a=0", "=2", "a=x"):
+        with pytest.raises(ConfigError):
+            failpoints.parse(bad)

@@ -90,7 +90,7 @@ def build_batch(settings: Settings, options: BatchOptions) -> BatchParts:
     worker = None
     runner: Runner
     if options.worker:
-        from ragcache.worker import ModelWorker, WorkerSettings
+        from ragcache.runtime import ModelWorker, WorkerSettings
 
         worker = ModelWorker(engine, WorkerSettings(max_batch=options.max_batch))
         worker.start()

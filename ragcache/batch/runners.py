@@ -93,7 +93,7 @@ class SequentialRunner:
 
 
 class WorkerRunner:
-    """Submits to a `ragcache.worker.ModelWorker`, keeping up to `max_in_flight` requests in it."""
+    """Submits to a `ragcache.runtime.ModelWorker`, keeping up to `max_in_flight` requests in it."""
 
     def __init__(self, worker: Any, max_in_flight: int = 8) -> None:
         self.worker = worker
@@ -208,7 +208,7 @@ class WorkerRunner:
         return held >= len(need) or wait(ended[leader])
 
     def _submit(self, item: Prepared, cancel: threading.Event) -> Any:
-        from ragcache.worker import QueueFullError
+        from ragcache.runtime import QueueFullError
 
         while True:
             try:

@@ -1,224 +1,391 @@
-"""The disk tier: evicted nodes as safetensors files, with an index that survives restarts.
+"""The disk tier: evicted nodes as self-describing files that any number of processes share.
 
-Layout: `<disk_dir>/<model identity>-v<FORMAT_VERSION>/<key>.safetensors` plus `index.json` there.
-A node's key hashes its whole token path, so it is stable when an ancestor is split. Another model
-or format version has another folder name and is never opened. Every file's size and CRC32 are in
-the index and checked before it is parsed: a truncated or corrupt file is dropped, logged, never
-served. Any write error (unwritable folder, disk full) turns the tier off with one clear message;
-RAM is untouched.
+Layout: `<disk_dir>/<TierIdentity.folder_name>/<entry name>.kv`, one file per node (disk_file.py),
+plus `.lock`. Another model, mlx/mlx-lm version, KV quantization, dtype or format version has
+another folder and is never opened. There is no shared index to rewrite: a starting process reads
+the files' headers and deletes nothing but files that are really corrupt.
+- Atomic: an entry is written under a unique temporary name, fsynced, and renamed over its name,
+  so a reader (which takes no lock) sees a whole old or a whole new file, never a torn one.
+- Locks (flock on `.lock`): renames hold it shared; budget eviction (oldest mtime first; a read
+  refreshes the mtime) and dropping a corrupt file hold it exclusive, so a file is unlinked as
+  corrupt only if it is still the very file whose bytes failed the checksum.
+- Off the MLX thread: `write` serializes the node (a memory copy) and queues the bytes; a writer
+  thread does the file work. A queued key is read from memory. `flush` waits for the queue.
+- Deleting a node forgets its file (another process may hold it; the budget reclaims the space);
+  inside `removing()` (invalidate, clear) the file is unlinked too.
+Any write error turns the tier off with one clear message; RAM is untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+import atexit
+import fcntl
 import logging
+import math
 import os
+import secrets
+import threading
 import time
-import zlib
-from array import array
-from collections.abc import Sequence
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any
 
-import mlx.core as mx
-
+from ragcache.cache.disk_file import (
+    FORMAT_VERSION,
+    PREFIX,
+    SUFFIX,
+    CorruptEntry,
+    DiskEntry,
+    DiskRef,
+    TierIdentity,
+    decode_entry,
+    decode_header,
+    encode_entry,
+    header_length,
+    path_key,
+)
 from ragcache.cache.tree import Node
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: sliding-window layers stored as spans, not window snapshots
+MAX_PENDING_BYTES = 256 << 20  # queued spills held in memory before `write` waits
+SCAN_EVERY_S = 2.0  # how stale this process's view of the folder's bytes may get
+STALE_TMP_S = 3600.0  # a temporary file this old is a crashed writer's
+IDLE_EXIT_S = 2.0  # the writer thread ends after this long with nothing to do
+EXIT_DRAIN_S = 30.0
 
-
-def path_key(tokens: Sequence[int]) -> str:
-    return hashlib.sha256(array("q", tokens).tobytes()).hexdigest()[:32]
-
-
-def node_tokens(node: Node) -> list[int]:
-    return [t for n in node.path() for t in n.tokens]
-
-
-def _encode(obj: Any, name: str, arrays: dict[str, mx.array]) -> Any:
-    """A JSON skeleton of a nested payload; its arrays go into `arrays` under path names."""
-    if isinstance(obj, mx.array):
-        arrays[name] = obj
-        return {"a": name}
-    if isinstance(obj, tuple | list):
-        return {"t": [_encode(v, f"{name}.{i}", arrays) for i, v in enumerate(obj)]}
-    if isinstance(obj, mx.Dtype):
-        return {"d": str(obj).rsplit(".", 1)[-1]}
-    return obj  # None, int, float, str
-
-
-def _decode(skeleton: Any, arrays: dict[str, mx.array]) -> Any:
-    if isinstance(skeleton, dict):
-        if "a" in skeleton:
-            return arrays[skeleton["a"]]
-        if "t" in skeleton:
-            return tuple(_decode(v, arrays) for v in skeleton["t"])
-        if "d" in skeleton:
-            return getattr(mx, skeleton["d"])
-    return skeleton
+_LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()
 
 
 @dataclass
-class IndexEntry:
-    key: str
-    parent: str | None  # key of the path up to `start`; None at the root
-    start: int
-    tokens: list[int]
-    n_bytes: int
-    has_checkpoint: bool
-    file_bytes: int
-    crc32: int
+class _Op:
+    name: str
+    data: bytes | None  # None: unlink the file
 
 
 class DiskTier:
-    """Implements the tree's LowerTier on a folder. Not thread-safe (the cache's lock covers it)."""
+    """Implements the tree's LowerTier on a folder shared with other processes.
 
-    def __init__(self, root: Path, identity: str, budget_bytes: int) -> None:
+    write/read/delete come from the cache's caller, one at a time (the cache's lock); the writer
+    thread shares only the queue, under this tier's own mutex, and never takes the cache's lock.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        identity: TierIdentity,
+        budget_bytes: int,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
         self.budget_bytes = budget_bytes
-        self.folder = Path(root).expanduser() / f"{identity}-v{FORMAT_VERSION}"
         self.identity = identity
-        self.entries: dict[str, IndexEntry] = {}
+        self.folder = Path(root).expanduser() / identity.folder_name
+        self.max_pending_bytes = max_pending_bytes
         self.enabled = True
-        self.reads = self.errors = 0
-        self.read_bps = 0.0  # measured; 0 until the first read
-        self._dirty = False
+        self.reads = self.errors = self.evicted = 0
+        self.read_bps = 0.0  # measured; 0 until the first read from a file
+        self._changed = threading.Condition(threading.Lock())
+        self._queue: deque[_Op] = deque()
+        self._pending: dict[str, bytes] = {}  # name -> bytes queued or being written
+        self._pending_bytes = 0
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._unlink = False  # inside removing()
+        self._approx_bytes = 0  # the folder's bytes at the last scan plus what was written since
+        self._last_scan = -math.inf
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".probe"
+            probe = self.folder / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
             probe.write_bytes(b"ok")
             probe.unlink()
+            with self._flock(exclusive=False):
+                pass
         except OSError as exc:
             self._turn_off(f"cannot write to {self.folder}: {exc}")
             return
-        self._load_index()
+        _LIVE.add(self)
 
     def _turn_off(self, why: str) -> None:
-        if self.enabled:
-            log.error("KV disk tier off: %s. The RAM cache keeps working.", why)
-        self.enabled = False
+        with self._changed:
+            if self.enabled:
+                log.error("KV disk tier off: %s. The RAM cache keeps working.", why)
+            self.enabled = False
+            self._queue.clear()
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._changed.notify_all()
 
-    # -- index --------------------------------------------------------------------------------
-    def _load_index(self) -> None:
-        path = self.folder / "index.json"
+    @contextmanager
+    def _flock(self, exclusive: bool) -> Iterator[None]:
+        # A fresh descriptor each time, so the writer thread and a reader exclude each other too.
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            raw = json.loads(path.read_text()) if path.exists() else {}
-            if raw and (
-                raw.get("version") != FORMAT_VERSION or raw.get("identity") != self.identity
-            ):
-                raise ValueError("index of another model or format version")
-            entries = [IndexEntry(**e) for e in raw.get("entries", [])]
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("KV disk index %s unreadable (%s); starting the disk tier empty", path, exc)
-            entries = []
-        for entry in entries:
-            file = self.folder / f"{entry.key}.safetensors"
-            if file.exists() and file.stat().st_size == entry.file_bytes:
-                self.entries[entry.key] = entry
-            else:
-                log.warning("KV disk file %s missing or truncated; dropped", file.name)
-                file.unlink(missing_ok=True)
-                self._dirty = True
-        known = {f"{k}.safetensors" for k in self.entries}
-        for file in self.folder.glob("*.safetensors"):
-            if file.name not in known:  # written but never indexed (a crash between the two)
-                file.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
-    def index(self) -> list[IndexEntry]:
-        """Entries ordered parents first (by start), for rebuilding the tree after a restart."""
-        return sorted(self.entries.values(), key=lambda e: e.start)
+    # -- what is on disk ----------------------------------------------------------------------
+    def entries(self) -> list[DiskEntry]:
+        """Whole entries in the folder now (every process's), parents first (by start, then end).
 
-    def save_index(self) -> None:
-        """Write index.json atomically if anything changed."""
-        if not self.enabled or not self._dirty:
-            return
-        body = {
-            "version": FORMAT_VERSION,
-            "identity": self.identity,
-            "entries": [vars(e) for e in self.entries.values()],
-        }
-        tmp = self.folder / "index.json.tmp"
-        try:
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, self.folder / "index.json")
-            self._dirty = False
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self._turn_off(f"cannot write the index in {self.folder}: {exc}")
+        Reads headers only; a truncated or damaged file is dropped and logged. Changes nothing else.
+        """
+        found: list[DiskEntry] = []
+        total = 0
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            try:
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    head = fh.read(PREFIX.size)
+                    try:
+                        head += fh.read(header_length(head))
+                        entry, _ = decode_header(head, size, path.name, self.identity.folder_name)
+                    except CorruptEntry as exc:
+                        self._drop_if_unchanged(path, fh, exc)
+                        continue
+            except OSError:  # removed by another process since the listing
+                continue
+            found.append(entry)
+            total += entry.file_bytes
+        self._approx_bytes = total
+        return sorted(found, key=lambda e: (e.start, e.start + len(e.tokens), not e.has_checkpoint))
+
+    def count_entries(self) -> int:
+        """How many whole entries the folder holds once this process's queued writes are done."""
+        self.flush()
+        return len(self.entries())
 
     # -- LowerTier ----------------------------------------------------------------------------
     def write(self, node: Node) -> bool:
-        """Store the node's payload and checkpoint; False (and maybe the tier off) on failure."""
+        """Queue the node's payload and checkpoint for writing; set `node.disk_ref`.
+
+        Serializes on the caller's thread (evaluated arrays: a copy); waits while more than
+        `max_pending_bytes` are queued. False when the tier is off.
+        """
         if not self.enabled:
             return False
-        tokens = node_tokens(node)
-        key = path_key(tokens)
-        arrays: dict[str, mx.array] = {}
-        skeleton = _encode((node.payload, node.checkpoint), "n", arrays)
-        buffer = io.BytesIO()
-        meta = {"skeleton": json.dumps(skeleton), "identity": self.identity}
-        mx.save_safetensors(buffer, arrays, metadata=meta)
-        data = buffer.getvalue()
-        file = self.folder / f"{key}.safetensors"
-        tmp = file.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, file)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self._turn_off(f"cannot write {file}: {exc}")
-            return False
-        parent = path_key(tokens[: node.start]) if node.start else None
-        self.entries[key] = IndexEntry(
-            key,
-            parent,
-            node.start,
-            list(node.tokens),
-            node.n_bytes,
-            node.has_checkpoint,
-            len(data),
-            zlib.crc32(data),
-        )
-        node.disk_ref = key
-        self._dirty = True
+        entry, data = encode_entry(node, self.identity.folder_name)
+        with self._changed:
+            # Bounded, but one entry larger than the bound still goes (alone).
+            while (
+                self.enabled
+                and self._pending_bytes
+                and self._pending_bytes + len(data) > self.max_pending_bytes
+            ):
+                self._changed.wait()
+            if not self.enabled:
+                return False
+            self._pending[entry.name] = data
+            self._pending_bytes += len(data)
+            self._enqueue(_Op(entry.name, data))
+        node.disk_ref = entry.ref
         return True
 
     def read(self, node: Node) -> tuple[Any, Any] | None:
-        """The node's (payload, checkpoint), or None if its file is gone, truncated or corrupt."""
-        entry = self.entries.get(node.disk_ref) if node.disk_ref else None
-        if entry is None:
+        """The node's (payload, checkpoint): from memory while queued, else from its file.
+
+        None when the file is gone (another process's budget took it) or not this node's; a
+        corrupt file is dropped (if unchanged since it was read), logged and counted.
+        """
+        ref = node.disk_ref
+        if not isinstance(ref, DiskRef) or not self.enabled:
             return None
-        file = self.folder / f"{entry.key}.safetensors"
-        began = time.perf_counter()
-        try:
-            data = file.read_bytes()
-            if len(data) != entry.file_bytes or zlib.crc32(data) != entry.crc32:
-                raise ValueError("size or checksum differs from the index")
-            loaded = mx.load(io.BytesIO(data), format="safetensors", return_metadata=True)
-            arrays, meta = cast(tuple[dict[str, mx.array], dict[str, str]], loaded)
-            payload, checkpoint = _decode(json.loads(meta["skeleton"]), arrays)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            log.warning("KV disk file %s is corrupt or unreadable (%s); dropped", file.name, exc)
-            self.errors += 1
-            self.delete(node)
+        with self._changed:
+            data = self._pending.get(ref.name)
+        if data is not None:  # queued: the bytes in memory, never a half-written file
+            try:
+                return self._matching(decode_entry(data, ref.name, self.identity.folder_name), node)
+            except CorruptEntry:  # made by this process a moment ago: cannot happen
+                return None
+        path = self.folder / ref.name
+        for _ in range(3):  # a file replaced while it was being checked is read again
+            began = time.perf_counter()
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                    try:
+                        decoded = decode_entry(data, ref.name, self.identity.folder_name)
+                    except CorruptEntry as exc:
+                        if self._drop_if_unchanged(path, fh, exc):
+                            return None
+                        continue
+                    with suppress(OSError, NotImplementedError):
+                        os.utime(fh.fileno())  # recently used: the budget evicts it last
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                log.warning("cannot read KV disk file %s: %s", ref.name, exc)
+                return None
+            rate = len(data) / max(time.perf_counter() - began, 1e-6)
+            self.read_bps = rate if not self.read_bps else 0.7 * self.read_bps + 0.3 * rate
+            self.reads += 1
+            return self._matching(decoded, node)
+        return None
+
+    @staticmethod
+    def _matching(decoded: tuple[DiskEntry, Any, Any], node: Node) -> tuple[Any, Any] | None:
+        entry, payload, checkpoint = decoded
+        if entry.start != node.start or entry.tokens != node.tokens:
+            log.debug("KV disk file %s holds another node; treated as a miss", entry.name)
             return None
-        elapsed = max(time.perf_counter() - began, 1e-6)
-        rate = len(data) / elapsed
-        self.read_bps = rate if not self.read_bps else 0.7 * self.read_bps + 0.3 * rate
-        self.reads += 1
         return payload, checkpoint
 
     def delete(self, node: Node) -> None:
-        key = node.disk_ref
-        if key is None or self.entries.pop(key, None) is None:
+        """Forget the node's file: a queued write of it is dropped. Inside `removing()` the file
+        is unlinked as well (by the writer thread); otherwise it stays for other processes and
+        the byte budget (a split, a trim, a subtree under an unreadable node)."""
+        ref = node.disk_ref
+        if not isinstance(ref, DiskRef):
             return
-        self._dirty = True
+        with self._changed:
+            self._pending.pop(ref.name, None)
+            if self._unlink and self.enabled:
+                self._enqueue(_Op(ref.name, None))
+
+    @contextmanager
+    def removing(self) -> Iterator[None]:
+        """Within this block, `delete` unlinks files (what invalidate and clear mean)."""
+        self._unlink = True
         try:
-            (self.folder / f"{key}.safetensors").unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("could not delete KV disk file %s: %s", key, exc)
+            yield
+        finally:
+            self._unlink = False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write and unlink is on disk (fsynced); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    # -- the writer thread --------------------------------------------------------------------
+    def _enqueue(self, op: _Op) -> None:
+        # Under self._changed.
+        self._queue.append(op)
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="ragcache-disk-writer", daemon=True
+            )
+            self._thread.start()
+        self._changed.notify_all()
+
+    def _run(self) -> None:
+        renamed = False
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._busy = False
+                    self._changed.notify_all()
+                    if not self._changed.wait(IDLE_EXIT_S) and not self._queue:
+                        self._thread = None
+                        return
+                op = self._queue.popleft()
+                self._busy = True
+                current = op.data is None or self._pending.get(op.name) is op.data
+            try:
+                if current:
+                    renamed |= self._apply(op)
+                with self._changed:
+                    last = not self._queue
+                if renamed and last:
+                    self._after_batch()
+                    renamed = False
+            except OSError as exc:
+                self._turn_off(f"cannot write {self.folder / op.name}: {exc}")
+            except Exception:  # a bug must not leave flush() waiting forever
+                log.exception("KV disk writer failed")
+                self._turn_off("the disk writer failed (see the traceback above)")
+            finally:
+                with self._changed:
+                    if op.data is not None and self.enabled:
+                        self._pending_bytes -= len(op.data)
+                        if self._pending.get(op.name) is op.data:
+                            del self._pending[op.name]
+                    self._changed.notify_all()
+
+    def _apply(self, op: _Op) -> bool:
+        """Write (temp, fsync, rename under the shared lock) or unlink one file; True if renamed."""
+        path = self.folder / op.name
+        if op.data is None:
+            path.unlink(missing_ok=True)
+            return False
+        tmp = self.folder / f".{op.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(op.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with self._flock(exclusive=False):
+                os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._approx_bytes += len(op.data)
+        return True
+
+    def _after_batch(self) -> None:
+        fd = os.open(self.folder, os.O_RDONLY)  # so the renames themselves survive a crash
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        stale = time.monotonic() - self._last_scan > SCAN_EVERY_S
+        if self._approx_bytes > self.budget_bytes or stale:
+            self._enforce_budget()
+
+    def _enforce_budget(self) -> None:
+        """Under the exclusive lock: unlink the least recently used files until the folder is
+        within budget, and crashed writers' temporary files. Tolerates files others removed."""
+        with self._flock(exclusive=True):
+            files: list[tuple[int, str, int]] = []
+            now = time.time()
+            with os.scandir(self.folder) as listing:
+                for item in listing:
+                    try:
+                        st = item.stat()
+                        if item.name.endswith(SUFFIX):
+                            files.append((st.st_mtime_ns, item.name, st.st_size))
+                        elif item.name.endswith(".tmp") and now - st.st_mtime > STALE_TMP_S:
+                            os.unlink(item.path)
+                    except FileNotFoundError:
+                        continue
+            total = sum(size for _, _, size in files)
+            for _, name, size in sorted(files):
+                if total <= self.budget_bytes:
+                    break
+                try:
+                    os.unlink(self.folder / name)
+                    self.evicted += 1
+                except FileNotFoundError:
+                    pass
+                total -= size
+        self._approx_bytes, self._last_scan = total, time.monotonic()
+
+    def _drop_if_unchanged(self, path: Path, fh: IO[bytes], why: CorruptEntry) -> bool:
+        """Unlink `path` if it is still the file open as `fh` (whose bytes failed); log it.
+        False when another process has replaced it meanwhile (read it again)."""
+        mine = os.fstat(fh.fileno())
+        with self._flock(exclusive=True):
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                return True
+            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                return False
+            path.unlink(missing_ok=True)
+        log.warning("KV disk file %s is corrupt or truncated (%s); dropped", path.name, why)
+        self.errors += 1
+        return True
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    # Spills still queued when the interpreter ends are worth keeping for the next process.
+    for tier in list(_LIVE):
+        tier.flush(EXIT_DRAIN_S)
+
+
+__all__ = ["FORMAT_VERSION", "DiskEntry", "DiskRef", "DiskTier", "TierIdentity", "path_key"]

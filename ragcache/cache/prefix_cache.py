@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from ragcache.cache.disk import DiskTier, path_key
+from ragcache.cache.disk import DiskTier, TierIdentity, path_key
+from ragcache.cache.disk_file import array_dtypes
 from ragcache.cache.layers import Codec, LayerKind, SpanMissing, evaluate, layer_kind, n_bytes
 from ragcache.cache.session import (
     CacheSession,
@@ -57,13 +59,13 @@ class PrefixCache:
     """One tree of KV spans and checkpoints per loaded model, shared by every request."""
 
     def __init__(self, loaded: LoadedModel, settings: CacheSettings | None = None) -> None:
-        """Probe the model's layer kinds; rebuild the disk tier's index if one is configured.
+        """Probe the model's layer kinds; rebuild the tree from the disk tier if one is configured.
 
         Raises ConfigError on invalid settings. An unusable budget or an unsupported layer kind
         turns caching off with a warning (generation still works, from scratch).
         """
         self.loaded = loaded
-        self.settings = settings = (settings or CacheSettings()).validate()
+        self.settings = settings = (settings or CacheSettings()).validate().resolved()
         self._lock = threading.RLock()
         self.lookups = self.hits = self.hit_tokens = self.prompt_tokens = self.invalidated = 0
         self.prefill_tps = 0.0  # measured between captures; 0 until known
@@ -74,14 +76,18 @@ class PrefixCache:
         self.snapshots = any(not k.spans for k in self.kinds)
         # The shortest sliding window among span layers: captures must come at most this far apart.
         self.window = min((k.window for k in self.kinds if k.window), default=None)
+        self.kv_dtypes = ""  # of the stored arrays, known once the probe has run
         self.min_node_bytes = self._smallest_node_bytes(probe) if None not in kinds else 0
         self.enabled = settings.enabled and self._usable(kinds)
         self.disk: DiskTier | None = None
         if self.enabled and settings.disk_dir is not None:
-            disk = DiskTier(settings.disk_dir, loaded.identity, settings.disk_bytes)
+            identity = TierIdentity.current(
+                loaded.identity, settings.kv_bits, settings.kv_group_size, self.kv_dtypes
+            )
+            disk = DiskTier(settings.disk_dir, identity, settings.disk_bytes)
             self.disk = disk if disk.enabled else None
         self.tree = RadixTree(
-            _LayerOps(self.kinds), settings.cache_bytes, settings.policy, self.disk
+            _LayerOps(self.kinds), settings.budget_bytes, settings.policy, self.disk
         )
         if self.disk is not None:
             self._rebuild_from_disk(self.disk)
@@ -97,11 +103,11 @@ class PrefixCache:
             )
             log.warning("prefix cache off: no adapter for layer cache kind(s) %s", ", ".join(names))
             return False
-        if self.settings.cache_bytes < max(1, self.min_node_bytes):
+        if self.settings.budget_bytes < max(1, self.min_node_bytes):
             log.warning(
                 "prefix cache off: cache_bytes=%d is below the smallest node (%d bytes); "
                 "generation works without reuse",
-                self.settings.cache_bytes,
+                self.settings.budget_bytes,
                 self.min_node_bytes,
             )
             return False
@@ -115,24 +121,24 @@ class PrefixCache:
             for k, c in zip(self.kinds, probe, strict=True)
         ]
         evaluate(data)
+        self.kv_dtypes = array_dtypes(data)
         return n_bytes(data)
 
     def _rebuild_from_disk(self, disk: DiskTier) -> None:
-        by_key: dict[str, Node] = {}
-        for entry in disk.index():
-            parent = self.tree.root if entry.parent is None else by_key.get(entry.parent)
-            node = None
-            if parent is not None and parent.end == entry.start:
-                node = self.tree.add_lower_node(
-                    parent, entry.tokens, entry.n_bytes, entry.has_checkpoint, entry.key
-                )
-            if node is None:  # its parent is gone: unreachable, so delete it
-                disk.delete(Node(entry.tokens, entry.start, None, disk_ref=entry.key))
+        # Entries come parents first; one whose parent is missing here may be another process's
+        # (its parent in that process's RAM), so it is left alone, not deleted.
+        by_path: dict[str, Node] = {}
+        for entry in disk.entries():
+            parent = self.tree.root if entry.parent is None else by_path.get(entry.parent)
+            if parent is None or parent.end != entry.start:
                 continue
-            by_key[entry.key] = node
-        if by_key:
-            log.info("KV disk tier: %d nodes from %s", len(by_key), disk.folder)
-        disk.save_index()
+            node = self.tree.add_lower_node(
+                parent, entry.tokens, entry.n_bytes, entry.has_checkpoint, entry.ref
+            )
+            if node is not None:  # None: a sibling cut another way came first
+                by_path.setdefault(entry.path, node)
+        if by_path:
+            log.info("KV disk tier: %d nodes from %s", len(by_path), disk.folder)
 
     # -- lookup -------------------------------------------------------------------------------
     def begin(self, tokens: Sequence[int], boundaries: Sequence[int] = ()) -> CacheSession:
@@ -159,7 +165,7 @@ class PrefixCache:
                 self.tree.touch(used.path())
             self._count(lookup)
             positions = self._capture_positions(tokens, start, boundaries)
-            self._save_index()
+            self._check_disk()
             return CacheSession(self, tokens, prompt_cache, start, positions, used, lookup)
 
     def _cold(self, tokens: list[int], boundaries: Sequence[int]) -> CacheSession:
@@ -298,7 +304,7 @@ class PrefixCache:
             except SpanMissing as exc:  # the path stops at what was stored exactly
                 log.debug("prefix cache: %s; stored path ends earlier", exc)
                 node = None
-            self._save_index()
+            self._check_disk()
             return node
 
     def measured_prefill(self, n_tokens: int, seconds: float) -> None:
@@ -314,34 +320,60 @@ class PrefixCache:
         with self._lock:
             self.tree.pin(node)
 
-    def _save_index(self) -> None:
-        if self.disk is not None:
-            self.disk.save_index()
-            if not self.disk.enabled:
-                self.tree.drop_lower_tier()
-                self.disk = None
+    def _check_disk(self) -> None:
+        # A failed write (on the writer thread) turns the tier off: forget what only it held.
+        if self.disk is not None and not self.disk.enabled:
+            self.tree.drop_lower_tier()
+            self.disk = None
+
+    def _removing(self) -> AbstractContextManager[None]:
+        # Dropping nodes normally only forgets their files; invalidate and clear unlink them.
+        return self.disk.removing() if self.disk is not None else nullcontext()
 
     # -- control ------------------------------------------------------------------------------
     def invalidate(self, token_spans: Sequence[Sequence[int]]) -> int:
         """Drop every node (both tiers) whose prefix contains one of `token_spans`; return how many."""
         with self._lock:
-            dropped = self.tree.invalidate(token_spans)
+            with self._removing():
+                dropped = self.tree.invalidate(token_spans)
             self.invalidated += dropped
-            self._save_index()
+            self._check_disk()
             return dropped
+
+    def recover(self) -> bool:
+        """After a worker crash, with no request running: keep the tree if it is consistent,
+        else drop it (both tiers). Returns True when it was kept.
+
+        Pins are reset: every session was failed, so none is live, and a pin a crashed request
+        left behind would keep its nodes from eviction forever.
+        """
+        with self._lock:
+            problems = self.tree.problems()
+            for node in self.tree.nodes():
+                node.pins = 0
+            if not problems:
+                return True
+            log.warning("KV cache dropped after a worker crash: %s", "; ".join(problems[:3]))
+            self.tree.clear()
+            self.tree.ram_bytes = 0
+            self._check_disk()
+            return False
 
     def clear(self) -> None:
         """Drop every node from RAM and disk. Running sessions keep what they restored."""
         with self._lock:
-            self.tree.clear()
-            self._save_index()
+            with self._removing():
+                self.tree.clear()
+            self._check_disk()
 
     def flush(self) -> None:
-        """Copy RAM nodes down to the disk tier and write its index, so a restart starts warm."""
+        """Copy RAM nodes down to the disk tier and wait until every queued write is on disk,
+        so a restart (or another process) starts warm. Holds the cache's lock meanwhile."""
         with self._lock:
             if self.disk is not None:
                 self.tree.persist()
-                self._save_index()
+                self.disk.flush()
+                self._check_disk()
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -350,7 +382,7 @@ class PrefixCache:
                 enabled=self.enabled,
                 disk_enabled=self.disk is not None and self.disk.enabled,
                 policy=self.settings.policy,
-                budget_bytes=self.settings.cache_bytes,
+                budget_bytes=self.settings.budget_bytes,
                 ram_bytes=self.tree.ram_bytes,
                 ram_nodes=sum(n.in_ram for n in nodes),
                 peak_ram_bytes=self.tree.peak_ram_bytes,

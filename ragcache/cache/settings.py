@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ragcache.cache.eviction import POLICIES
@@ -35,8 +35,10 @@ def default_cache_bytes() -> int:
 @dataclass(frozen=True)
 class CacheSettings:
     enabled: bool = True
-    # RAM budget of stored KV and checkpoints, enforced on every insert.
-    cache_bytes: int = field(default_factory=default_cache_bytes)
+    # RAM budget of stored KV and checkpoints, enforced on every insert. None: a quarter of the
+    # memory free when the cache is made, which is after the model is loaded (`resolved`): a
+    # budget read before loading would count the model's own weights as free.
+    cache_bytes: int | None = None
     policy: str = "pgdsf"  # a key of ragcache.cache.eviction.POLICIES
     # Models with snapshot layers (recurrent state): a checkpoint every N tokens inside long
     # segments, besides segment boundaries (0: boundaries only). Models whose layers are all span
@@ -49,8 +51,21 @@ class CacheSettings:
     disk_dir: Path | None = None  # None: no disk tier
     disk_bytes: int = 16 * GIB
 
+    def resolved(self) -> CacheSettings:
+        """These settings with `cache_bytes` fixed: the default measured now."""
+        if self.cache_bytes is not None:
+            return self
+        return replace(self, cache_bytes=default_cache_bytes())
+
+    @property
+    def budget_bytes(self) -> int:
+        """The RAM budget; the default measured now if `resolved` was never called."""
+        return self.cache_bytes if self.cache_bytes is not None else default_cache_bytes()
+
     def validate(self) -> CacheSettings:
         """Raise ConfigError on values the cache cannot use; return self."""
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise ConfigError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"unknown cache policy {self.policy!r}", hint="one of: " + ", ".join(POLICIES)

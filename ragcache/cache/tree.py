@@ -408,6 +408,35 @@ class RadixTree:
         """Drop everything from both tiers; return the number of nodes dropped."""
         return sum(self.drop(child) for child in list(self.root.children.values()))
 
+    def problems(self, expect_unpinned: bool = False) -> list[str]:
+        """What is wrong with the tree's structure or byte accounting; [] when it is consistent.
+
+        Run after a crash, when a half-done insert, split or eviction may have left it broken.
+        `expect_unpinned`: no request holds a pin any more, so a pinned node is a leak.
+        """
+        found: list[str] = []
+        ram = 0
+        stack: list[Node] = [self.root]
+        while stack:
+            node = stack.pop()
+            for first, child in node.children.items():
+                if child.parent is not node or not child.tokens or child.tokens[0] != first:
+                    found.append(f"node at {child.start} is linked under the wrong key or parent")
+                if child.start != node.end:
+                    found.append(f"node at {child.start} does not start where its parent ends")
+                if child.in_ram:
+                    if self.ops.n_bytes(child.payload) + self.ops.n_bytes(child.checkpoint) != (
+                        child.n_bytes
+                    ):
+                        found.append(f"node at {child.start} holds other bytes than it counts")
+                    ram += child.n_bytes
+                if expect_unpinned and child.pins:
+                    found.append(f"node at {child.start} is still pinned ({child.pins})")
+                stack.append(child)
+        if ram != self.ram_bytes:
+            found.append(f"RAM bytes counted {self.ram_bytes}, held {ram}")
+        return found
+
     def nodes(self) -> Iterator[Node]:
         """Every node but the root, parents before children."""
         stack = list(self.root.children.values())

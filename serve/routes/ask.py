@@ -19,7 +19,7 @@ from litestar.response import ServerSentEvent
 from ragcache.answer import PreparedQuestion
 from ragcache.engine import Completion, TextDelta
 from ragcache.errors import RagcacheError
-from ragcache.worker import Ticket
+from ragcache.runtime import Ticket
 from serve.answers import answer_out, prepare, source_out
 from serve.generation import (
     SamplingRequest,

@@ -17,6 +17,8 @@ async def _figures(app_state: AppStateDep, services: ServicesDep) -> CacheFigure
         queue_depth=worker.queue_depth,
         in_flight=worker.in_flight,
         active=worker.active,
+        worker_crashes=worker.crashes,
+        worker_healthy=worker.healthy,
     )
 
 

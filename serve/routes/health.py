@@ -27,6 +27,18 @@ class HealthController(Controller):
             reason = f"failed: {app_state.load_error}" if app_state.load_error else "loading"
             return Response(Readiness(ready=False, reason=reason), status_code=503)
         services = app_state.services
+        worker = services.worker
+        if not worker.healthy:
+            reason = "model worker stopped"
+            if worker.crashes:
+                reason = (
+                    f"model worker restarting after crash {worker.crashes}: {worker.last_crash}"
+                )
+            return Response(
+                Readiness(ready=False, model=services.model_id, reason=reason),
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         chunks = await app_state.off_loop(services.stack.store.count)
         return Response(Readiness(ready=True, model=services.model_id, chunks=chunks))
 

@@ -21,12 +21,13 @@ from litestar.response import ServerSentEvent
 from ragcache.answer import PreparedQuestion
 from ragcache.engine import Completion, GenerationStats, TextDelta
 from ragcache.errors import RagcacheError
-from ragcache.worker import Ticket
+from ragcache.runtime import Ticket
 from serve.answers import source_out
 from serve.chat import chat_prompt, completion_prompt, retrieval_prompt
 from serve.errors import LimitExceededError
 from serve.generation import (
     SamplingRequest,
+    check_model,
     collect,
     refuse_if_busy,
     sampling_params,
@@ -134,6 +135,7 @@ class OpenAIController(Controller):
         request: Request,
     ) -> Response[ChatCompletion] | ServerSentEvent:
         arrived = time.perf_counter()
+        check_model(services, data.model)
         params = sampling_params(
             app_state,
             services,
@@ -224,6 +226,7 @@ class OpenAIController(Controller):
         request: Request,
     ) -> Response[TextCompletion] | ServerSentEvent:
         arrived = time.perf_counter()
+        check_model(services, data.model)
         params = sampling_params(
             app_state,
             services,

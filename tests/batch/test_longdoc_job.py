@@ -26,8 +26,8 @@ from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Engine
 from ragcache.errors import PromptTooLongError
 from ragcache.model_loader import LoadedModel
+from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.sampling import SamplingParams
-from ragcache.worker import ModelWorker, WorkerSettings
 
 WORDS = [
     "cache",

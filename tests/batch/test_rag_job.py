@@ -16,8 +16,8 @@ from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Engine
 from ragcache.model_loader import LoadedModel
 from ragcache.retrieve import Retriever
+from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.store import open_store
-from ragcache.worker import ModelWorker, WorkerSettings
 from tests.ingest_support import embedder, generator_tokens, write_markdown_corpus
 
 pytestmark = pytest.mark.slow  # loads the real embedder and ingests

@@ -10,9 +10,9 @@ import pytest
 from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Completion, Engine
 from ragcache.model_loader import LoadedModel
+from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
-from ragcache.worker import ModelWorker, WorkerSettings
 
 
 def result(ticket) -> Completion:

@@ -26,7 +26,7 @@ def cache_at(loaded: LoadedModel, folder: Path, **kw) -> PrefixCache:
 
 
 def files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*/*.safetensors"))
+    return sorted(folder.glob("*/*.kv"))
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma"])
@@ -89,8 +89,11 @@ def test_other_model_or_version_folder_is_not_read(
     llama_cache.flush()
     gemma_cache = cache_at(tiny_gemma, tmp_path)
     assert gemma_cache.stats().disk_nodes == 0
-    old = tmp_path / f"{tiny_llama.identity}-v{FORMAT_VERSION}"
-    old.rename(tmp_path / f"{tiny_llama.identity}-v{FORMAT_VERSION - 1}")
+    assert llama_cache.disk is not None and llama_cache.disk.folder.name.endswith(
+        f"-v{FORMAT_VERSION}"
+    )
+    old = llama_cache.disk.folder
+    old.rename(old.with_name(old.name.removesuffix(f"{FORMAT_VERSION}") + f"{FORMAT_VERSION - 1}"))
     assert cache_at(tiny_llama, tmp_path).stats().disk_nodes == 0
 
 

@@ -75,8 +75,9 @@ def test_multi_turn_extends_its_own_path(model: str, request: pytest.FixtureRequ
         prompt = SegmentedPrompt(history, [len(history)])
         first = warm.generate(prompt, GREEDY)
         assert first.tokens == cold.generate(prompt, GREEDY).tokens
-        if turn:  # the previous turn's prompt and answer come from the cache
-            assert first.stats.cached_tokens >= previous
+        if turn:  # the previous turn's prompt and answer come from the cache (all but the
+            # answer's last token when it was decoded alone: no step ever fed it to the model)
+            assert first.stats.cached_tokens >= previous - 1
         previous = len(history) + len(first.tokens)
         history = history + first.tokens + [5 + turn, 6, 7, 8]
 
@@ -119,10 +120,12 @@ def test_gemma_node_bytes_are_spans_only(tiny_gemma: LoadedModel) -> None:
     """Memory per cached token is one K/V row per layer, whatever the window."""
     cache = PrefixCache(tiny_gemma, CacheSettings(cache_bytes=1 << 30))
     prompt = family(2, 1, base_len=200)[0]
-    Engine(tiny_gemma, cache=cache).generate(prompt, SamplingParams(max_tokens=1))
+    done = Engine(tiny_gemma, cache=cache).generate(prompt, SamplingParams(max_tokens=1))
     stats = cache.stats()
     stored = sum(n.n_tokens for n in cache.tree.nodes())
-    assert stored == len(prompt.tokens)
+    # The prompt, and the answer's token when the decoder already fed it back (it runs a step
+    # ahead): whatever the KV covers, never more.
+    assert len(prompt.tokens) <= stored <= len(prompt.tokens) + len(done.tokens)
     assert stats.ram_bytes == stored * cache.min_node_bytes
 
 

@@ -76,6 +76,7 @@ def test_orders_and_where_filter(http: httpx.Client) -> None:
         ({"question": "x", "max_tokens": 65}, 422, "at most 64"),
         ({"question": "x", "order": "random"}, 422, "order"),
         ({"question": "x", "where": "no such column = 1"}, 400, "where filter"),
+        ({"question": "x", "where": "position >= 0; DROP TABLE chunks"}, 400, "second statement"),
         ({"question": "x", "stop": [""]}, 422, "stop"),
         ({"question": 3}, 422, "question"),
     ],

@@ -1,0 +1,96 @@
+"""Prompt-lookup drafting: guess the next tokens by finding the current suffix earlier in the text.
+
+RAG answers copy spans of their sources (names, values, phrases), so when the last few tokens of
+the sequence (prompt + answer so far) occurred before, the tokens that followed them there are a
+good guess for what comes next. The model checks the guess in one forward pass
+(`runtime.speculate`); a wrong guess costs little, a right one saves a step per token.
+
+The index maps every n-gram (for n in [min_ngram, max_ngram]) to the position right after its
+latest occurrence, updated as each token is appended: O(max_ngram) per token, no scan of the
+prompt, and a lookup is max_ngram dict probes. The suffix itself is never in the index when it
+is looked up, so a match is always an earlier occurrence with known continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ragcache.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LookupSettings:
+    min_ngram: int = 2  # a single token repeats too often to predict anything
+    max_ngram: int = 4  # longer suffixes first: they predict better
+    max_draft: int = 8  # the verify pass costs little more than a step up to about 8 tokens here
+    initial_draft: int = 4
+
+    def validate(self) -> LookupSettings:
+        """Raise ConfigError on values drafting cannot use; return self."""
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ConfigError(
+                f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}"
+            )
+        if self.max_draft < 1 or self.initial_draft < 1:
+            raise ConfigError(
+                f"draft lengths must be >= 1, got max_draft {self.max_draft}, "
+                f"initial_draft {self.initial_draft}",
+                hint="turn speculation off instead (speculation='off', --no-speculate)",
+            )
+        return self
+
+
+class PromptLookup:
+    """The n-gram index of one growing token sequence, and the drafts it suggests."""
+
+    def __init__(self, tokens: Sequence[int], settings: LookupSettings | None = None) -> None:
+        self.settings = s = settings or LookupSettings()
+        s.validate()
+        self.tokens: list[int] = []
+        self._after: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        """Add a token; index the n-grams that end right before it (their continuation is it)."""
+        seq = self.tokens
+        end = len(seq)
+        for n in range(self.settings.min_ngram, self.settings.max_ngram + 1):
+            if end >= n:
+                self._after[tuple(seq[end - n : end])] = end
+        seq.append(token)
+
+    def draft(self, length: int) -> list[int]:
+        """Up to `length` tokens that followed the longest earlier occurrence of the current
+        suffix; [] when no suffix of at least min_ngram tokens occurred before."""
+        seq = self.tokens
+        end = len(seq)
+        if length < 1:
+            return []
+        for n in range(min(self.settings.max_ngram, end), self.settings.min_ngram - 1, -1):
+            at = self._after.get(tuple(seq[end - n : end]))
+            if at is not None:
+                return seq[at : min(at + length, end)]
+        return []
+
+
+class DraftLength:
+    """The draft length, adapted to how much of the recent drafts the model accepted: grow after
+    a fully accepted draft, shrink after a mostly rejected one (a rejected token is wasted work
+    in the verify pass)."""
+
+    def __init__(self, settings: LookupSettings) -> None:
+        self.max = settings.max_draft
+        self.value = max(1, min(settings.initial_draft, self.max))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.value = min(self.max, self.value + 2)
+        elif accepted * 2 < drafted:
+            self.value = max(1, self.value - 1)

@@ -1,0 +1,145 @@
+"""Prompt-lookup speculation: drafts from an n-gram index, verified in one pass, never changing
+the tokens greedy decoding gives (alone or batched, with or without the prefix cache)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ragcache.cache import CacheSettings, PrefixCache
+from ragcache.engine import Completion, Engine
+from ragcache.errors import ConfigError, InvalidRequestError
+from ragcache.model_loader import LoadedModel
+from ragcache.runtime import ModelWorker, WorkerSettings
+from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
+from ragcache.sampling import SamplingParams
+from ragcache.segments import SegmentedPrompt
+
+
+# -- the index, pure ---------------------------------------------------------------------------
+def naive_draft(seq: list[int], s: LookupSettings, length: int) -> list[int]:
+    """The definition: the latest earlier occurrence of the longest suffix, its continuation."""
+    for n in range(min(s.max_ngram, len(seq)), s.min_ngram - 1, -1):
+        suffix = seq[len(seq) - n :]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start : start + n] == suffix:
+                return seq[start + n : start + n + length]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=60), st.integers(1, 8))
+def test_the_index_drafts_what_a_scan_of_the_sequence_would(seq: list[int], length: int) -> None:
+    s = LookupSettings()
+    lookup = PromptLookup([], s)
+    for i, token in enumerate(seq):
+        lookup.append(token)
+        assert lookup.draft(length) == naive_draft(seq[: i + 1], s, length)
+
+
+@given(st.lists(st.integers(0, 10_000), unique=True, max_size=50))
+def test_a_sequence_with_no_repeat_drafts_nothing(seq: list[int]) -> None:
+    assert PromptLookup(seq).draft(8) == []
+
+
+def test_draft_length_adapts_and_bad_settings_are_refused() -> None:
+    length = DraftLength(LookupSettings(max_draft=8, initial_draft=4))
+    length.update(4, 4)
+    assert length.value == 6
+    length.update(6, 1)
+    assert length.value == 5
+    for bad in (LookupSettings(max_draft=0), LookupSettings(min_ngram=3, max_ngram=2)):
+        with pytest.raises(ConfigError):
+            bad.validate()
+    with pytest.raises(InvalidRequestError, match="speculation"):
+        SamplingParams(speculation="medusa").validate()
+
+
+# -- exactness on real (tiny) models -----------------------------------------------------------
+def repetitive_prompt(seed: int, n: int = 90) -> SegmentedPrompt:
+    """Text that repeats phrases, as RAG prompts do (sources quoted, names repeated)."""
+    rng = random.Random(seed)
+    phrases = [[rng.randrange(5, 300) for _ in range(rng.randrange(3, 7))] for _ in range(6)]
+    tokens: list[int] = []
+    while len(tokens) < n:
+        tokens += rng.choice(phrases)
+    return SegmentedPrompt(tokens[:n], [n // 2, n])
+
+
+def run(engine: Engine, prompt: SegmentedPrompt, mode: str, **kw: object) -> Completion:
+    params = SamplingParams(max_tokens=40, stop_loops=False, speculation=mode, **kw)  # type: ignore[arg-type]
+    return engine.generate(prompt, params)
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gemma"])
+def loaded(request) -> LoadedModel:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: bool) -> None:
+    cache = PrefixCache(loaded, CacheSettings(cache_bytes=1 << 28)) if cached else None
+    engine = Engine(loaded, cache=cache)
+    accepted = 0
+    try:
+        for seed in range(6):
+            prompt = repetitive_prompt(seed)
+            plain = run(engine, prompt, "off")
+            fast = run(engine, prompt, "lookup")
+            assert fast.tokens == plain.tokens and fast.text == plain.text, seed
+            assert fast.stats.finish_reason == plain.stats.finish_reason
+            assert plain.stats.drafted_tokens == 0
+            accepted += fast.stats.accepted_tokens
+            if cached:
+                assert fast.stats.cached_tokens > 0
+    finally:
+        engine.close()
+    if loaded.family == "llama":  # plain KV: the model copies its own loops, drafts get accepted
+        assert accepted > 0
+    # gemma's 24-token window has wrapped on these prompts: no draft may be checked there, since a
+    # rejected token could not be cut back out of the window
+    else:
+        assert accepted == 0
+
+
+def test_a_stop_string_inside_an_accepted_draft_ends_where_plain_decoding_does(
+    tiny_llama: LoadedModel,
+) -> None:
+    engine = Engine(tiny_llama)
+    try:
+        prompt = repetitive_prompt(1)
+        plain = run(engine, prompt, "off")
+        fast = run(engine, prompt, "lookup")
+        assert fast.stats.accepted_tokens > 0
+        # a stop string made of text from the middle of the answer, where drafts were accepted
+        stop = plain.text[len(plain.text) // 2 : len(plain.text) // 2 + 3]
+        assert stop.strip()
+        cut_plain = run(engine, prompt, "off", stop=(stop,))
+        cut_fast = run(engine, prompt, "lookup", stop=(stop,))
+        assert cut_fast.text == cut_plain.text and cut_fast.tokens == cut_plain.tokens
+        assert cut_fast.stats.finish_reason == cut_plain.stats.finish_reason == "stop"
+        # the cache covers nothing after the stop: a follow-up equals a cold run
+        follow = SegmentedPrompt(prompt.tokens + cut_fast.tokens, [len(prompt.tokens)])
+        assert run(engine, follow, "lookup").tokens == run(Engine(tiny_llama), follow, "off").tokens
+    finally:
+        engine.close()
+
+
+def test_requests_that_batch_together_get_their_solo_tokens(tiny_llama: LoadedModel) -> None:
+    prompts = [repetitive_prompt(s) for s in range(4)]
+    solo = Engine(tiny_llama)
+    expected = [run(solo, p, "off").tokens for p in prompts]
+    solo.close()
+    engine = Engine(tiny_llama, cache=PrefixCache(tiny_llama, CacheSettings(cache_bytes=1 << 28)))
+    worker = ModelWorker(engine, WorkerSettings(max_batch=4)).start()
+    try:
+        params = SamplingParams(max_tokens=40, stop_loops=False)
+        # the first one starts alone (speculating), the others join it mid-answer
+        tickets = [worker.submit(p, params) for p in prompts]
+        done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
+        assert [d.tokens for d in done] == expected
+    finally:
+        worker.stop()
