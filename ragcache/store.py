@@ -17,7 +17,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ class DocState:
     doc_hashes: frozenset[str]
     doc_chunks: int  # chunk count the stored version declares
     chunk_ids: tuple[str, ...]
+    ingested_at: datetime | None = None  # its latest chunk's write
 
     def is_complete(self, doc_hash: str) -> bool:
         """True when the table holds exactly the chunks of version `doc_hash`, no more, no less."""
@@ -258,7 +259,7 @@ class ChunkStore:
 
     def doc_states(self) -> dict[str, DocState]:
         """Per-document state of the whole table (reads ids and hashes only, not vectors)."""
-        cols = ["doc_id", "source", "chunk_id", "doc_hash", "doc_chunks"]
+        cols = ["doc_id", "source", "chunk_id", "doc_hash", "doc_chunks", "ingested_at"]
         data = self.table.search().select(cols).limit(None).to_arrow().to_pydict()
         grouped: dict[str, list[int]] = {}
         for i, doc_id in enumerate(data["doc_id"]):
@@ -270,6 +271,9 @@ class ChunkStore:
                 doc_hashes=frozenset(data["doc_hash"][i] for i in rows),
                 doc_chunks=min(data["doc_chunks"][i] for i in rows),
                 chunk_ids=tuple(data["chunk_id"][i] for i in rows),
+                ingested_at=max(
+                    (data["ingested_at"][i] for i in rows if data["ingested_at"][i]), default=None
+                ),
             )
             for doc_id, rows in grouped.items()
         }

@@ -25,6 +25,17 @@ if [[ "$(uname -s)" == Linux ]]; then
       echo "warning: no apt-get or dnf: install OpenBLAS yourself, or MLX runs ~30x slower on CPU" >&2
     fi
   fi
+  # The web page's tests drive the system Chromium headless (Playwright's own browser download
+  # needs a network these machines do not have).
+  if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    log "installing Chromium (for the web page's browser tests)"
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    if command -v apt-get >/dev/null; then
+      $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+    else
+      echo "warning: no apt-get: install Chromium yourself to run the browser tests" >&2
+    fi
+  fi
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

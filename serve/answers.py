@@ -47,7 +47,25 @@ async def prepare(
     return await state.off_loop(run)
 
 
-def source_out(s: Source) -> SourceOut:
+def source_ends(prepared: PreparedQuestion) -> dict[str, int]:
+    """chunk id -> the prompt position where the chunk's tokens end: a source is served from the
+    KV cache when that end lies within the restored prefix."""
+    tokens = list(prepared.prompt.tokens)
+    out: dict[str, int] = {}
+    for chunk in prepared.chunks:
+        ids = list(chunk.token_ids)
+        if not ids:
+            continue
+        first = ids[0]
+        for i in range(len(tokens) - len(ids) + 1):
+            if tokens[i] == first and tokens[i : i + len(ids)] == ids:
+                out[chunk.chunk_id] = i + len(ids)
+                break
+    return out
+
+
+def source_out(s: Source, cached_through: int = 0, ends: dict[str, int] | None = None) -> SourceOut:
+    end = (ends or {}).get(s.chunk_id)
     return SourceOut(
         number=s.number,
         chunk_id=s.chunk_id,
@@ -58,10 +76,17 @@ def source_out(s: Source) -> SourceOut:
         position=s.position,
         score=float(s.score),
         text=s.text,
+        cached=end is not None and end <= cached_through,
     )
 
 
-def answer_out(done: AnswerDone, order: str, ttft_s: float) -> AskAnswer:
+def answer_out(
+    done: AnswerDone,
+    order: str,
+    ttft_s: float,
+    conversation_id: str = "",
+    ends: dict[str, int] | None = None,
+) -> AskAnswer:
     stats = done.completion.stats
     return AskAnswer(
         answer=done.text,
@@ -71,7 +96,7 @@ def answer_out(done: AnswerDone, order: str, ttft_s: float) -> AskAnswer:
         declined=done.declined,
         confidence=done.confidence,
         model_text=done.completion.text,
-        sources=[source_out(s) for s in done.sources],
+        sources=[source_out(s, stats.cached_tokens, ends) for s in done.sources],
         order=order,
         finish_reason=stats.finish_reason,
         usage=AskUsage(
@@ -82,4 +107,5 @@ def answer_out(done: AnswerDone, order: str, ttft_s: float) -> AskAnswer:
             ttft_s=round(ttft_s, 4),
         ),
         figures=dict(done.figures.__dict__),
+        conversation=conversation_id,
     )

@@ -16,7 +16,7 @@ from litestar.types import Message, Scope
 from ragcache.settings import Settings, load_settings
 from serve.auth import BearerAuthMiddleware
 from serve.errors import EXCEPTION_HANDLERS
-from serve.routes import CONTROLLERS, BatchesController, DocumentsController
+from serve.routes import CONTROLLERS, BatchesController, DocumentsController, static_router
 from serve.services import AppState, Services
 from serve.settings import ServeSettings
 
@@ -58,7 +58,7 @@ def create_app(
         c: type(c.__name__, (c,), {"request_max_body_size": settings.max_upload_bytes})
         for c in (DocumentsController, BatchesController)
     }
-    handlers = [uploads.get(c, c) for c in CONTROLLERS]
+    handlers: list = [uploads.get(c, c) for c in CONTROLLERS] + [static_router]
     middleware = [BearerAuthMiddleware(settings.api_key)] if settings.api_key else []
     return Litestar(
         route_handlers=handlers,

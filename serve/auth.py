@@ -1,4 +1,5 @@
-"""Optional bearer-token auth on every path but /health."""
+"""Optional bearer-token auth on every path but /health and the page (`/`, `/static/`), which
+hold no data: the page asks for the token and sends it on every API call."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 
+def _public(scope: Scope) -> bool:
+    """/health (probes) and the page with its assets, which hold no data."""
+    path = scope["path"]
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
 class BearerAuthMiddleware(ASGIMiddleware):
     """Refuses requests whose `Authorization: Bearer <key>` is missing or wrong (401)."""
 
     scopes = (ScopeType.HTTP,)
-    exclude_path_pattern = ("^/health$",)
+    should_bypass_for_scope = staticmethod(_public)
 
     def __init__(self, api_key: str) -> None:
         self._key = api_key.encode()

@@ -63,6 +63,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
     p.add_argument(
+        "--no-speculate",
+        action="store_true",
+        help="decode one token per step (default: greedy answers draft from the prompt and "
+        "verify the draft in one pass; the tokens are the same)",
+    )
+    p.add_argument(
         "--store-refresh",
         type=float,
         default=d.store_refresh_s,
@@ -98,6 +104,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         store_refresh_s=args.store_refresh,
+        speculation="off" if args.no_speculate else "lookup",
         answer_mode=args.mode,
         decline_below=args.decline_below,
     ).validate()

@@ -129,11 +129,20 @@ def ingest_uploads(
     )
 
 
+def _iso(when: object) -> str | None:
+    return when.isoformat(timespec="seconds") if hasattr(when, "isoformat") else None  # type: ignore[attr-defined]
+
+
 def list_documents(services: Services, offset: int, limit: int) -> DocumentList:
     states = services.stack.store.doc_states()
     ids = sorted(states)
     page = [
-        DocumentInfo(id=d, source=states[d].source, chunks=len(states[d].chunk_ids))
+        DocumentInfo(
+            id=d,
+            source=states[d].source,
+            chunks=len(states[d].chunk_ids),
+            ingested_at=_iso(states[d].ingested_at),
+        )
         for d in ids[offset : offset + limit]
     ]
     return DocumentList(documents=page, total=len(ids))

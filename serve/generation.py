@@ -36,6 +36,7 @@ class SamplingRequest:
     stop: str | Sequence[str] | None = None
     # Answers end when they start repeating; raw OpenAI-style generation gives what was asked.
     stop_loops: bool = True
+    speculation: str | None = None  # "lookup" or "off"; None: the server's setting
 
 
 def sampling_params(state: AppState, services: Services, req: SamplingRequest) -> SamplingParams:
@@ -57,6 +58,7 @@ def sampling_params(state: AppState, services: Services, req: SamplingRequest) -
         seed=req.seed,
         stop=stop,
         stop_loops=req.stop_loops,
+        speculation=req.speculation or state.settings.speculation,
     ).validate()
 
 

@@ -18,6 +18,7 @@ K = Annotated[int, Meta(ge=1, le=1000)]
 Order = Literal["cache", "relevance", "canonical"]
 AnswerMode = Literal["auto", "generate", "extract"]
 Where = Annotated[str, Meta(min_length=1, max_length=2000)]
+Speculation = Literal["lookup", "off"]  # greedy decoding drafts from the prompt; same tokens
 
 
 class _Wire(Struct, kw_only=True):
@@ -46,6 +47,7 @@ class SourceOut(_Wire, kw_only=True):
     position: int
     score: float
     text: str  # the chunk's text: quotes' start/end index into it
+    cached: bool = False  # its KV came from the cache (it lies in the restored prefix)
 
 
 # -- OpenAI-compatible ---------------------------------------------------------------------------
@@ -86,6 +88,7 @@ class ChatCompletionRequest(_Wire, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     retrieval: RetrievalOptions | None = None
+    speculation: Speculation | None = None  # extension: "off" decodes one token per step
 
 
 class CompletionRequest(_Wire, kw_only=True):
@@ -99,6 +102,7 @@ class CompletionRequest(_Wire, kw_only=True):
     n: Annotated[int, Meta(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    speculation: Speculation | None = None  # extension: "off" decodes one token per step
 
 
 class AssistantMessage(_Wire, kw_only=True):
@@ -166,6 +170,10 @@ class AskRequest(_Wire, kw_only=True):
     top_p: TopP | None = None
     seed: Seed | None = None
     stop: Stop | None = None
+    speculation: Speculation | None = None
+    # The id an earlier answer returned: this question continues that conversation (its turns
+    # are in the prompt, and its path in the KV cache is reused).
+    conversation: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
 
 
 class AskUsage(_Wire, kw_only=True):
@@ -201,6 +209,7 @@ class AskAnswer(_Wire, kw_only=True):
     finish_reason: str  # stop, length, loop, cancelled; extracted/declined when no model ran
     usage: AskUsage
     figures: dict[str, Any]  # the core's figures: retrieval_ms, prefill/decode tok/s, ...
+    conversation: str = ""  # send it back as `conversation` to ask a follow-up
 
 
 # -- documents -----------------------------------------------------------------------------------
@@ -234,6 +243,7 @@ class DocumentInfo(_Wire, kw_only=True):
     id: str
     source: str
     chunks: int
+    ingested_at: str | None = None  # ISO 8601, UTC
 
 
 class DocumentList(_Wire, kw_only=True):
@@ -256,6 +266,22 @@ class CacheFigures(_Wire, kw_only=True):
     active: int
     worker_crashes: int = 0  # times the model worker crashed and restarted
     worker_healthy: bool = True
+
+
+class CacheNode(_Wire, kw_only=True):
+    id: int
+    parent: int | None  # None: hangs from the root
+    start: int  # token position of the node's first token
+    tokens: int
+    hits: int  # requests whose prompt went through this node
+    bytes: int
+    in_ram: bool
+    on_disk: bool
+    label: str  # the start of the node's text
+
+
+class CacheTree(_Wire, kw_only=True):
+    nodes: list[CacheNode]  # the most-hit nodes and their ancestors, parents first
 
 
 class Health(_Wire, kw_only=True):

@@ -27,6 +27,7 @@ from ragcache.stack import Stack, StackOptions, build_stack
 from ragcache.store import StoreSettings, open_store
 from ragcache.store_watch import StoreWatcher
 from serve.batches import BatchManager
+from serve.conversations import Conversations
 from serve.errors import ServiceNotReadyError
 from serve.metrics import Metrics
 from serve.refresh import StoreRefresher
@@ -94,6 +95,9 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         answer=_answer_settings(settings),
     )
     stack = build_stack(core, options)
+    # Load the embedder now, not on the first question (~3-5 s of torch start-up here): /ready
+    # then means a question is answered at full speed.
+    stack.retriever.embedder.embed_query("ready")
     worker = ModelWorker(
         stack.engine, WorkerSettings(max_queue=settings.max_queue, max_batch=settings.max_batch)
     )
@@ -153,6 +157,7 @@ class AppState:
         self.prepare_limiter: anyio.CapacityLimiter | None = None  # made inside the event loop
         self.ingest_lock: anyio.Lock | None = None
         self.batches = BatchManager(settings.resolved_batches_dir(core.home), settings)
+        self.conversations = Conversations()
 
     @property
     def services(self) -> Services:

@@ -42,6 +42,9 @@ class ServeSettings:
     # How often the server looks for commits other processes made to the store (ingest jobs);
     # 0 never looks. Cost when nothing changed: one manifest read (see benchmarks/faults.py).
     store_refresh_s: float = 1.0
+    # Greedy answers draft from their prompt and verify in one pass (same tokens): "lookup" or
+    # "off"; a request's `speculation` field overrides it (benchmarks/speculative.py).
+    speculation: str = "lookup"
 
     def validate(self) -> ServeSettings:
         from ragcache.answer_policy import ANSWER_MODES

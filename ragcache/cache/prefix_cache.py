@@ -375,6 +375,31 @@ class PrefixCache:
                 self.disk.flush()
                 self._check_disk()
 
+    def top_paths(self, limit: int = 24, label_tokens: int = 48) -> list[dict[str, Any]]:
+        """The `limit` most-hit nodes and their ancestors, parents first: the shape of what is
+        cached (system prompt -> chunks -> questions), for people to look at. Each node: an id,
+        its parent's id (None under the root), position, size, hits, tier, and its first
+        `label_tokens` token ids (the caller decodes them)."""
+        with self._lock:
+            ranked = sorted(self.tree.nodes(), key=lambda n: n.hits, reverse=True)[:limit]
+            keep = {id(a) for n in ranked for a in n.path()}
+            root = self.tree.root
+            return [
+                {
+                    "id": id(n),
+                    "parent": None if n.parent is root or n.parent is None else id(n.parent),
+                    "start": n.start,
+                    "tokens": n.n_tokens,
+                    "hits": n.hits,
+                    "bytes": n.n_bytes,
+                    "in_ram": n.in_ram,
+                    "on_disk": n.on_disk,
+                    "label_ids": list(n.tokens[:label_tokens]),
+                }
+                for n in self.tree.nodes()
+                if id(n) in keep
+            ]
+
     def stats(self) -> CacheStats:
         with self._lock:
             nodes = list(self.tree.nodes())

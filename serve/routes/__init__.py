@@ -10,6 +10,7 @@ from serve.routes.cache import CacheController
 from serve.routes.documents import DocumentsController
 from serve.routes.health import HealthController
 from serve.routes.openai import OpenAIController
+from serve.routes.web import WebController, static_router
 
 CONTROLLERS: list[type[Controller]] = [
     HealthController,
@@ -18,6 +19,7 @@ CONTROLLERS: list[type[Controller]] = [
     DocumentsController,
     CacheController,
     BatchesController,
+    WebController,
 ]
 
-__all__ = ["CONTROLLERS", "BatchesController", "DocumentsController"]
+__all__ = ["CONTROLLERS", "BatchesController", "DocumentsController", "static_router"]

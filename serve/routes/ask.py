@@ -20,7 +20,8 @@ from ragcache.answer import PreparedQuestion
 from ragcache.engine import Completion, TextDelta
 from ragcache.errors import RagcacheError
 from ragcache.runtime import Ticket
-from serve.answers import answer_out, prepare, source_out
+from serve.answers import answer_out, prepare, source_ends, source_out
+from serve.conversations import Conversations
 from serve.generation import (
     SamplingRequest,
     collect,
@@ -31,6 +32,22 @@ from serve.generation import (
 )
 from serve.schemas import AskAnswer, AskRequest
 from serve.services import AppStateDep, ServicesDep
+
+
+async def _releasing(
+    events: AsyncIterator[dict[str, str]], conversations: Conversations, conversation_id: str
+) -> AsyncIterator[dict[str, str]]:
+    """The stream's events, then (however it ends: done, error, client gone) the conversation
+    is free for its next question; the done event carries its id."""
+    try:
+        async for event in events:
+            if event.get("event") == "done":
+                payload = msgspec.json.decode(event["data"])
+                payload["conversation"] = conversation_id
+                event = {"event": "done", "data": msgspec.json.encode(payload).decode()}
+            yield event
+    finally:
+        conversations.release(conversation_id)
 
 
 def _sse(event: str, payload: Any) -> dict[str, str]:
@@ -63,27 +80,55 @@ class AskController(Controller):
         params = sampling_params(
             app_state,
             services,
-            SamplingRequest(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop),
+            SamplingRequest(
+                data.max_tokens,
+                data.temperature,
+                data.top_p,
+                data.seed,
+                data.stop,
+                speculation=data.speculation,
+            ),
         )
         refuse_if_busy(services)
-        prepared = await prepare(
-            app_state, services, data.question, data.k, data.order, data.where, mode=data.mode
-        )
-        if not prepared.generate:  # a quote or a decline: the model need not run
-            done = services.stack.answerer.complete(prepared, None, arrived)
-            ttft = time.perf_counter() - arrived
-            if data.stream:
-                return ServerSentEvent(
-                    self._unrun_events(prepared, answer_out(done, prepared.order, ttft))
+        conversations = app_state.conversations
+        conversation_id, conversation = conversations.open(data.conversation)
+        streaming = False
+        try:
+            prepared = await prepare(
+                app_state,
+                services,
+                data.question,
+                data.k,
+                data.order,
+                data.where,
+                conversation=conversation,
+                mode=data.mode,
+            )
+            if not prepared.generate:  # a quote or a decline: the model need not run
+                done = services.stack.answerer.complete(prepared, None, arrived)
+                ttft = time.perf_counter() - arrived
+                answer = answer_out(
+                    done, prepared.order, ttft, conversation_id, source_ends(prepared)
                 )
-            return Response(answer_out(done, prepared.order, ttft))
-        ticket = submit(services, prepared.prompt, params)
-        if data.stream:
-            return ServerSentEvent(self._events(app_state, services, prepared, ticket, arrived))
-        finished = await collect(ticket, request, arrived)
-        done = services.stack.answerer.complete(prepared, finished.completion, arrived)
-        app_state.metrics.observe_generation("ask", finished.completion.stats, finished.ttft_s)
-        return Response(answer_out(done, prepared.order, finished.ttft_s))
+                if data.stream:
+                    return ServerSentEvent(self._unrun_events(prepared, answer))
+                return Response(answer)
+            ticket = submit(services, prepared.prompt, params)
+            if data.stream:
+                streaming = True  # the stream releases the conversation when it ends
+                events = self._events(app_state, services, prepared, ticket, arrived)
+                return ServerSentEvent(_releasing(events, conversations, conversation_id))
+            finished = await collect(ticket, request, arrived)
+            done = services.stack.answerer.complete(prepared, finished.completion, arrived)
+            app_state.metrics.observe_generation("ask", finished.completion.stats, finished.ttft_s)
+            return Response(
+                answer_out(
+                    done, prepared.order, finished.ttft_s, conversation_id, source_ends(prepared)
+                )
+            )
+        finally:
+            if not streaming:
+                conversations.release(conversation_id)
 
     @staticmethod
     async def _unrun_events(
@@ -124,4 +169,4 @@ class AskController(Controller):
         ttft = (first or time.perf_counter()) - arrived
         app_state.metrics.observe_generation("ask", completion.stats, ttft)
         done = services.stack.answerer.complete(prepared, completion, arrived)
-        yield _sse("done", answer_out(done, prepared.order, ttft))
+        yield _sse("done", answer_out(done, prepared.order, ttft, "", source_ends(prepared)))

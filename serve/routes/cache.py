@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from litestar import Controller, delete, get
+from litestar.params import FromQuery
 
-from serve.schemas import CacheFigures
+from serve.schemas import CacheFigures, CacheNode, CacheTree
 from serve.services import AppStateDep, ServicesDep
 
 
@@ -29,6 +30,30 @@ class CacheController(Controller):
     @get(summary="Cache figures: bytes per tier, hits, evictions; worker queue")
     async def figures(self, app_state: AppStateDep, services: ServicesDep) -> CacheFigures:
         return await _figures(app_state, services)
+
+    @get("/tree", summary="The most-used cached prefixes as a tree (system prompt -> chunks)")
+    async def tree(
+        self, app_state: AppStateDep, services: ServicesDep, limit: FromQuery[int] = 24
+    ) -> CacheTree:
+        cache = services.stack.cache
+        if cache is None:
+            return CacheTree(nodes=[])
+        limit = max(1, min(limit, 200))
+        nodes = await app_state.on_worker(lambda: cache.top_paths(limit))
+        tokenizer = services.stack.loaded.tokenizer
+
+        def label(ids: list[int]) -> str:
+            text = " ".join(tokenizer.decode(ids).split())
+            return text[:80]
+
+        return CacheTree(
+            nodes=[
+                CacheNode(
+                    **{k: v for k, v in n.items() if k != "label_ids"}, label=label(n["label_ids"])
+                )
+                for n in nodes
+            ]
+        )
 
     @delete(status_code=200, summary="Drop every cached prefix, from RAM and disk")
     async def clear(self, app_state: AppStateDep, services: ServicesDep) -> CacheFigures:

