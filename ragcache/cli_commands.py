@@ -6,16 +6,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ragcache.answer_policy import ANSWER_MODES
 from ragcache.embedded_models import DEFAULT_MODEL, DEFAULT_SETUP_MODELS, EMBEDDED_MODELS
 from ragcache.model_prepare import QUANT_MODES, is_complete, prepare_model, prepared_path
 from ragcache.order import ORDERS
-from ragcache.settings import Settings
+from ragcache.settings import GenerationSettings, Settings
 
 if TYPE_CHECKING:
     from ragcache.answer import AnswerDone
+
+
+NO_SPECULATE_HELP = (
+    "decode one token per step (default: greedy decoding drafts from the prompt and verifies "
+    "the draft in one pass; the tokens are the same)"
+)
+
+
+def speculation(args: Any, gen: GenerationSettings) -> str:
+    """The speculation mode: off with --no-speculate, else the setting (RAGCACHE_SPECULATION)."""
+    return "off" if getattr(args, "no_speculate", False) else gen.speculation
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--no-speculate", action="store_true", help=NO_SPECULATE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     ask = sub.add_parser("ask", help="answer a question from the store, with cited sources")
@@ -85,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="then read follow-up questions from standard input, one per line",
     )
     ask.add_argument("--json", action="store_true", help="one JSON object per answer")
+    ask.add_argument("--no-speculate", action="store_true", help=NO_SPECULATE_HELP)
     ask.set_defaults(func=cmd_ask)
 
     from ragcache.batch.cli import register as register_batch
@@ -142,6 +155,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         top_p=gen.top_p if args.top_p is None else args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        speculation=speculation(args, gen),
     )
     engine = Engine(loaded, gen)
     for event in engine.stream(prompt, params):
@@ -179,7 +193,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     )
     conversation = Conversation()
     max_tokens = args.max_tokens or stack.answerer.settings.max_tokens
-    params = SamplingParams(max_tokens=max_tokens)
+    params = SamplingParams(
+        max_tokens=max_tokens, speculation=speculation(args, settings.generation)
+    )
     try:
         while question:
             for event in stack.answerer.ask(

@@ -51,6 +51,9 @@ class GenerationSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    # "lookup": greedy decoding drafts from the prompt and checks the draft in one pass (the same
+    # tokens, fewer steps; ragcache.runtime.speculate); "off": one token per step.
+    speculation: str = "lookup"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_QUANT": ("model", "quant"),
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
     "RAGCACHE_MAX_TOKENS": ("generation", "max_tokens"),
+    "RAGCACHE_SPECULATION": ("generation", "speculation"),
 }
 
 

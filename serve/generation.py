@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from litestar import Request
@@ -37,6 +38,22 @@ class SamplingRequest:
     # Answers end when they start repeating; raw OpenAI-style generation gives what was asked.
     stop_loops: bool = True
     speculation: str | None = None  # "lookup" or "off"; None: the server's setting
+
+    @classmethod
+    def of(
+        cls, body: Any, max_tokens: int | None = None, stop_loops: bool = True
+    ) -> SamplingRequest:
+        """The sampling fields of a request body (/v1/ask, /v1/completions, chat), which all
+        name them alike; `max_tokens` overrides the body's (chat has two spellings of it)."""
+        return cls(
+            body.max_tokens if max_tokens is None else max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.stop,
+            stop_loops=stop_loops,
+            speculation=body.speculation,
+        )
 
 
 def sampling_params(state: AppState, services: Services, req: SamplingRequest) -> SamplingParams:

@@ -68,6 +68,11 @@ def register(subparsers: Any) -> None:
         "--no-disk-cache", action="store_true", help="keep the KV cache in RAM only (no HOME/kv)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--no-speculate",
+        action="store_true",
+        help="decode one token per step (default: greedy answers draft from their prompt)",
+    )
     p.add_argument("--json-report", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_batch)
 
@@ -83,6 +88,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         schedule=args.schedule,
         max_tokens=args.max_tokens or settings.generation.max_tokens,
         temperature=settings.generation.temperature,
+        speculation="off" if args.no_speculate else settings.generation.speculation,
         progress=not args.no_progress,
     )
     options = BatchOptions(

@@ -42,6 +42,7 @@ class BatchSettings:
     schedule: str = "prefix"  # a key of ragcache.batch.schedule.SCHEDULES
     max_tokens: int = 256  # per answer, unless a line sets its own
     temperature: float = 0.0
+    speculation: str = "lookup"  # greedy answers draft from their prompt (same tokens)
     # Hold a request until its leader's prefill is done when they share at least this many
     # tokens: restoring them then beats computing them concurrently in the batch.
     wait_min_tokens: int = 64
@@ -253,7 +254,9 @@ class BatchJob:
     def _params(self, request: BatchRequest) -> SamplingParams:
         s = self.settings
         return SamplingParams(
-            max_tokens=request.max_tokens or s.max_tokens, temperature=s.temperature
+            max_tokens=request.max_tokens or s.max_tokens,
+            temperature=s.temperature,
+            speculation=s.speculation,
         )
 
     def _prepare(self, todo: list[BatchRequest], log: AnswerLog) -> list[Prepared]:

@@ -77,18 +77,7 @@ class AskController(Controller):
         request: Request,
     ) -> Response[AskAnswer] | ServerSentEvent:
         arrived = time.perf_counter()
-        params = sampling_params(
-            app_state,
-            services,
-            SamplingRequest(
-                data.max_tokens,
-                data.temperature,
-                data.top_p,
-                data.seed,
-                data.stop,
-                speculation=data.speculation,
-            ),
-        )
+        params = sampling_params(app_state, services, SamplingRequest.of(data))
         refuse_if_busy(services)
         conversations = app_state.conversations
         conversation_id, conversation = conversations.open(data.conversation)

@@ -136,19 +136,11 @@ class OpenAIController(Controller):
     ) -> Response[ChatCompletion] | ServerSentEvent:
         arrived = time.perf_counter()
         check_model(services, data.model)
-        params = sampling_params(
-            app_state,
-            services,
-            SamplingRequest(
-                _max_tokens(data),
-                data.temperature,
-                data.top_p,
-                data.seed,
-                data.stop,
-                stop_loops=data.retrieval is not None,  # a RAG answer; else OpenAI's semantics
-                speculation=data.speculation,
-            ),
+        # A RAG answer stops when it loops; a plain chat keeps OpenAI's semantics.
+        sampling = SamplingRequest.of(
+            data, _max_tokens(data), stop_loops=data.retrieval is not None
         )
+        params = sampling_params(app_state, services, sampling)
         refuse_if_busy(services)
         prepared: PreparedQuestion | None = None
         if data.retrieval is not None:
@@ -228,19 +220,7 @@ class OpenAIController(Controller):
     ) -> Response[TextCompletion] | ServerSentEvent:
         arrived = time.perf_counter()
         check_model(services, data.model)
-        params = sampling_params(
-            app_state,
-            services,
-            SamplingRequest(
-                data.max_tokens,
-                data.temperature,
-                data.top_p,
-                data.seed,
-                data.stop,
-                stop_loops=False,
-                speculation=data.speculation,
-            ),
-        )
+        params = sampling_params(app_state, services, SamplingRequest.of(data, stop_loops=False))
         refuse_if_busy(services)
         prompt = await completion_prompt(app_state, services, data.prompt)
         ticket = submit(services, prompt, params)

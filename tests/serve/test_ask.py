@@ -111,3 +111,49 @@ def test_extract_mode_answers_with_a_quote_and_runs_no_model(http: httpx.Client)
 def test_unknown_mode_is_refused_by_the_schema(http: httpx.Client) -> None:
     r = http.post("/v1/ask", json={"question": "storage", "mode": "guess", "stream": False})
     assert r.status_code == 422 and "mode" in r.text
+
+
+def test_a_follow_up_continues_its_conversation_on_the_cached_path(http: httpx.Client) -> None:
+    first = http.post(
+        "/v1/ask", json={"question": "What does the cache keep?", "stream": False, "max_tokens": 4}
+    ).json()
+    assert first["conversation"]
+    follow = http.post(
+        "/v1/ask",
+        json={
+            "question": "And where is it stored?",
+            "stream": False,
+            "max_tokens": 4,
+            "conversation": first["conversation"],
+        },
+    ).json()
+    assert follow["conversation"] == first["conversation"]
+    # the earlier turn is in the prompt, and its KV came from the cache
+    assert follow["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]
+    assert follow["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    gone = http.post("/v1/ask", json={"question": "x", "conversation": "no-such-conversation"})
+    assert gone.status_code == 404 and "conversation" in gone.json()["error"]["message"]
+
+
+def test_sources_say_whether_their_kv_came_from_the_cache(http: httpx.Client) -> None:
+    body = {"question": "How does full-text search rank documents?", "stream": False}
+    http.post("/v1/ask", json={**body, "max_tokens": 2})
+    again = http.post("/v1/ask", json={**body, "max_tokens": 2}).json()
+    assert again["sources"] and all(s["cached"] for s in again["sources"])
+    assert all(s["text"] for s in again["sources"])
+    tree = http.get("/v1/cache/tree", params={"limit": 5}).json()["nodes"]
+    assert tree and tree[0]["parent"] is None and tree[0]["hits"] >= 2 and tree[0]["label"]
+    ids = {n["id"] for n in tree}
+    assert all(n["parent"] is None or n["parent"] in ids for n in tree)  # parents first
+
+
+@pytest.mark.parametrize("mode", ["off", "lookup"])
+def test_speculation_can_be_chosen_per_request_and_gives_the_same_answer(
+    http: httpx.Client, mode: str
+) -> None:
+    body = {"question": "What does a cache keep?", "stream": False, "max_tokens": 12}
+    plain = http.post("/v1/ask", json={**body, "speculation": "off"}).json()
+    chosen = http.post("/v1/ask", json={**body, "speculation": mode}).json()
+    assert chosen["model_text"] == plain["model_text"]
+    bad = http.post("/v1/ask", json={**body, "speculation": "medusa"})
+    assert bad.status_code == 422 and "speculation" in bad.text

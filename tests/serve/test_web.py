@@ -171,3 +171,24 @@ def test_the_cache_view_moves_after_a_repeated_question(page) -> None:  # type: 
     page.click("[data-tab=cache]")
     playwright.expect(saved).not_to_have_text(before, timeout=10_000)
     playwright.expect(page.locator("#cache-tree li").first).to_be_visible()
+
+
+def test_the_keyboard_alone_asks_and_opens_a_citation(page) -> None:  # type: ignore[no-untyped-def]
+    page.click("#new-conversation")  # leaves the focus in the question box
+    page.keyboard.type("Is Python free to use?")
+    page.keyboard.press("Enter")
+    playwright.expect(page.locator("#thread li:last-child .figures-line")).to_contain_text(
+        "first token", timeout=120_000
+    )
+    citation = page.locator("#thread li:last-child .citation").first
+    playwright.expect(citation).to_be_visible()
+    for _ in range(40):  # Tab through the page until the citation has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('citation')"):
+            break
+    assert page.evaluate("document.activeElement.classList.contains('citation')")
+    page.keyboard.press("Enter")
+    playwright.expect(page.locator("#passage")).to_be_visible()
+    assert page.evaluate("document.activeElement.id") == "passage-close"
+    page.keyboard.press("Enter")
+    playwright.expect(page.locator("#passage")).to_be_hidden()
