@@ -109,7 +109,8 @@ class Engine:
         self.settings = settings or GenerationSettings()
         self.cache = cache
         self._worker: ModelWorker | None = None
-        self._worker_lock = threading.Lock()
+        # Reentrant: the worker made under it attaches itself (attach_worker) while it is held.
+        self._worker_lock = threading.RLock()
 
     def check_fits(self, n_prompt: int) -> None:
         limit = self.loaded.context_length
@@ -134,13 +135,13 @@ class Engine:
 
     def worker(self) -> ModelWorker:
         """The model worker that runs this engine's generations, started on first use."""
-        with self._worker_lock:
+        with self._worker_lock:  # two first callers must not start two workers
             worker = self._worker
-        if worker is None or not worker.running:
-            from ragcache.runtime import ModelWorker
+            if worker is None or not worker.running:
+                from ragcache.runtime import ModelWorker
 
-            worker = ModelWorker(self).start()
-        return worker
+                worker = ModelWorker(self).start()
+            return worker
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the worker (in-flight requests finish first) and flush the cache's disk tier."""

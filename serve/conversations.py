@@ -40,11 +40,10 @@ class Conversations:
             if conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 self._items[conversation_id] = Conversation()
-                while len(self._items) > self.capacity:
-                    oldest = next(iter(self._items))
-                    if oldest in self._busy:
-                        break
-                    self._items.pop(oldest)
+                # The least recently used idle ones go; a busy one stays until its turn ends.
+                excess = len(self._items) - self.capacity
+                for old in [c for c in self._items if c not in self._busy][: max(0, excess)]:
+                    self._items.pop(old)
             elif conversation_id not in self._items:
                 raise NotFoundError(
                     f"no conversation {conversation_id[:64]!r} on this server",

@@ -202,3 +202,22 @@ def test_failpoint_specs() -> None:
     for bad in ("a", "a=0", "=2", "a=x"):
         with pytest.raises(ConfigError):
             failpoints.parse(bad)
+
+
+def test_done_callbacks_run_when_a_request_ends_read_or_not(tiny_llama: LoadedModel) -> None:
+    # A client that left before reading its stream must still free what its request held
+    # (serve releases the conversation this way).
+    worker = ModelWorker(Engine(tiny_llama), WorkerSettings()).start()
+    try:
+        ended = threading.Event()
+        ticket = worker.submit(
+            encode_segments(tiny_llama.tokenizer, [TEXTS[1]]), SamplingParams(max_tokens=3)
+        )
+        ticket.add_done_callback(ended.set)
+        assert ended.wait(60)  # nobody read a single event
+        late: list[int] = []
+        ticket.add_done_callback(lambda: late.append(1))
+        assert late == [1]  # already ended: called at once
+        assert worker.in_flight == 0
+    finally:
+        worker.stop()

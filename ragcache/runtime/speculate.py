@@ -56,7 +56,7 @@ class SpeculativeDecoder:
     def first(self, rest: Sequence[int]) -> int:
         """Feed the prompt's final piece (its tokens are already in `lookup`); the first token."""
         logits = self.model(mx.array(list(rest))[None], cache=self.kv)
-        token = int(mx.argmax(logits[0, -1]).item())  # type: ignore[arg-type]
+        token = int(greedy(logits[0, -1:])[0].item())  # type: ignore[arg-type]
         self._emit([token])
         return token
 
@@ -66,7 +66,7 @@ class SpeculativeDecoder:
         room = draft_room(self.kv)
         draft = self.lookup.draft(min(self.length.value, max_new - 1, room))
         logits = self.model(mx.array([self.pending, *draft])[None], cache=self.kv)
-        choice = cast(list[int], mx.argmax(logits[0], axis=-1).tolist())
+        choice = cast(list[int], greedy(logits[0]).tolist())
         n = 0
         while n < len(draft) and draft[n] == choice[n]:
             n += 1
@@ -90,6 +90,13 @@ class SpeculativeDecoder:
         offset = min(getattr(c, "offset", 0) for c in self.kv)
         if offset > n_tokens and can_trim_prompt_cache(self.kv):
             trim_prompt_cache(self.kv, offset - n_tokens)
+
+
+def greedy(logits: mx.array) -> mx.array:
+    """The greedy token of each row, computed as mlx-lm's batched decode computes it (argmax of
+    the log-probabilities, not of the raw logits): in a low-precision dtype the normalisation can
+    turn a narrow maximum into a tie, and both paths must break it the same way."""
+    return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
 
 
 def draft_room(kv: list[Any]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -23,6 +23,9 @@ class Ticket:
         self._events: queue.Queue[Any] = queue.Queue()
         self._cancel = threading.Event()
         self._worker_thread = worker_thread
+        self._done_callbacks: list[Callable[[], None]] = []
+        self._ended = False
+        self._lock = threading.Lock()
 
     def cancel(self) -> None:
         """Stop the generation at its next step; what it computed still goes into the cache."""
@@ -35,6 +38,21 @@ class Ticket:
     def put(self, item: Any) -> None:
         """Called by the worker: a TextDelta, the Completion, an exception, then DONE."""
         self._events.put(item)
+        if item is DONE:
+            with self._lock:
+                self._ended, callbacks = True, list(self._done_callbacks)
+            for fn in callbacks:
+                fn()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the request has ended (at once if it already has), whether or not
+        anyone reads its events: a client gone before its stream started still frees what the
+        request held."""
+        with self._lock:
+            if not self._ended:
+                self._done_callbacks.append(fn)
+                return
+        fn()
 
     def _next(self, timeout: float | None) -> Any:
         if threading.get_ident() == self._worker_thread:

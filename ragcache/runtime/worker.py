@@ -176,7 +176,10 @@ class ModelWorker:
             time.sleep(0.02)
         for seq in list(self._active):
             seq.ticket.cancel()
-        self._running.wait(timeout=max(1.0, deadline - time.monotonic() + 5))
+        if not self._running.wait(timeout=max(1.0, deadline - time.monotonic() + 5)):
+            # Still running (a step stuck in the model): leave its state to its own thread.
+            log.warning("the model worker did not stop within %.0f s", timeout)
+            return
         self._running = None
         _RUNNING.discard(self)
         self._gen = None
@@ -346,7 +349,10 @@ class ModelWorker:
         if self._solo is not None:  # company: the speculating sequence joins the batch too
             self._merge_solo()
         elif not self._by_uid and self._speculates(seq):
-            self._go_solo(seq)
+            try:
+                self._go_solo(seq)
+            except Exception as exc:  # this request fails, not the worker
+                self._fail(seq, exc)
             return
         rest, done, max_tokens = seq.decode_inputs()
         self._insert(seq, rest, done, max_tokens)
@@ -366,7 +372,9 @@ class ModelWorker:
 
     # -- speculative decoding of a sequence alone ----------------------------------------------
     def _speculates(self, seq: Sequence) -> bool:
-        return seq.params.speculation == "lookup" and seq.params.temperature == 0
+        # Caches without a token offset (recurrent state) cannot be cut back or handed over.
+        offsets = all(isinstance(getattr(c, "offset", None), int) for c in seq.prompt_cache)
+        return seq.params.speculation == "lookup" and seq.params.temperature == 0 and offsets
 
     def _go_solo(self, seq: Sequence) -> None:
         rest, _, _ = seq.decode_inputs()
@@ -413,7 +421,11 @@ class ModelWorker:
     def _decode_one_step(self) -> bool:
         if self._solo is not None:
             failpoints.hit("worker.solo_step")
-            self._solo_step()
+            try:
+                self._solo_step()
+            except Exception as exc:  # a failed step fails its request, not the worker
+                log.exception("speculative step failed")
+                self._fail(self._solo, exc)
             return True
         if not self._by_uid:
             return False

@@ -104,7 +104,10 @@ class AskController(Controller):
                 return Response(answer)
             ticket = submit(services, prepared.prompt, params)
             if data.stream:
-                streaming = True  # the stream releases the conversation when it ends
+                # Released when the request ends, even if the client left before the stream
+                # started (then nobody iterates the events), and when the stream ends.
+                streaming = True
+                ticket.add_done_callback(lambda: conversations.release(conversation_id))
                 events = self._events(app_state, services, prepared, ticket, arrived)
                 return ServerSentEvent(_releasing(events, conversations, conversation_id))
             finished = await collect(ticket, request, arrived)
