@@ -259,6 +259,7 @@ class Answerer:
                 _shown_title(s),
                 by_id[s.chunk_id].text,
                 " > ".join(s.heading_path),
+                opens_document=s.position == 0,
             )
             for s in sources
         ]

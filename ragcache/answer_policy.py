@@ -84,18 +84,17 @@ def decide(
     if _too_weak(extraction, s):
         return CheckedAnswer(DECLINE_TEXT, "declined", [], 0, confidence)
     assert extraction is not None
-    quoted = CheckedAnswer(
-        _with_citation(
-            f"{extraction.subject}: {extraction.quote.text}"
-            if extraction.subject
-            else extraction.quote.text,
-            extraction.quote.number,
-        ),
-        "extracted",
-        [extraction.quote],
-        0,
-        confidence,
+    text = _with_citation(
+        f"{extraction.subject}: {extraction.quote.text}"
+        if extraction.subject
+        else extraction.quote.text,
+        extraction.quote.number,
     )
+    quotes = [extraction.quote]
+    if extraction.more is not None:  # a later sentence of the same definition, after a gap
+        text += " … " + _with_citation(extraction.more.text, extraction.more.number)
+        quotes.append(extraction.more)
+    quoted = CheckedAnswer(text, "extracted", quotes, 0, confidence)
     if mode == "extract" or generated is None:
         return quoted
     claims = [x for x in generated if x.checked]

@@ -34,6 +34,7 @@ class Passage:
     title: str
     text: str
     header: str = ""  # the heading path ingest writes as the chunk's first line: never evidence
+    opens_document: bool = False  # the document's first chunk: its first sentence is its lead
 
     def is_label(self, sentence: str) -> bool:
         """Whether `sentence` only names this passage (its heading path or title), saying nothing."""

@@ -22,9 +22,17 @@ from ragcache.sentences import is_term, words
 class ExtractSettings:
     # Chosen on the tune half of the labelled questions (benchmarks/tune_answers.py).
     lexical_weight: float = 0.2  # word evidence vs embedding cosine in a sentence's score
-    rank_weight: float = 0.1  # a prior for the passages retrieval ranked higher
-    passage_weight: float = 1.0  # how much a passage that is about the question as a whole counts
+    rank_weight: float = 0.0  # a prior for the passages retrieval ranked higher
+    passage_weight: float = 0.5  # how much a passage that is about the question as a whole counts
+    # A document's opening sentence states what the document is about (a manual's NAME line, an
+    # FAQ answer's first sentence): a "why"/"what is" question is answered from there more often
+    # than from a sentence deep inside that happens to share its words.
+    lead_weight: float = 1.0
     max_sentences: int = 3  # the answering sentence and what continues its paragraph
+    # A later sentence of the same definition (up to the next term line) that scores at least
+    # this for the question is quoted too, after an ellipsis: "The default is initial." ends a
+    # long description. None: never.
+    more_above: float | None = 0.2
     max_chars: int = 360
     short_words: int = 6  # a best sentence this short brings the sentence before it
 
@@ -32,13 +40,14 @@ class ExtractSettings:
 @dataclass(frozen=True)
 class Extraction:
     quote: Quote
-    score: float  # the best sentence's score: the answer's confidence, in [0, 1]
+    score: float  # the best sentence score for the question: the answer's confidence, in [0, 1]
     # The passage's title when the quote does not name the page's subject ("Verifies the
     # connectivity ...", "This command uses ..."): shown before it, so the answer says whose.
     subject: str = ""
     # Names in the question (`core.fooBar`, `--prune`, `max_age`) that no passage mentions: the
     # documents do not describe them, whatever else matches.
     unknown_names: tuple[str, ...] = ()
+    more: Quote | None = None  # a later sentence of the same definition that also answers
 
 
 def _subject(title: str, quote: str) -> str:
@@ -52,13 +61,31 @@ def _subject(title: str, quote: str) -> str:
 
 
 _NAME = re.compile(r"(?<![\w.-])(?:--?[a-z][\w-]*|[A-Za-z_]\w*(?:[._][\w]+)+|[a-z]+[A-Z]\w*)")
+# A proper name: a capitalised word (a product, a project, a language: "Kubernetes", "GitHub",
+# "Moore-Penrose") that does not open a sentence; a possessive "'s" is not part of it.
+_PROPER = re.compile(r"(?<![\w.'-])([A-Z][a-z]*[A-Za-z\d]*(?:-[A-Z][\w]*)*)(?:'s)?(?![\w-])")
+_SENTENCE_START = re.compile(r"(?:^|[.?!:;\"(]\s*)$")
 
 
 def unknown_names(question: str, passages_text: str) -> tuple[str, ...]:
-    """The identifier-like names of `question` that `passages_text` never mentions."""
+    """The identifier-like and proper names of `question` that `passages_text` never mentions.
+
+    The sources cannot be about a thing they never name: a question about Flask's default port
+    asked of the Python manual is not answered by a passage about sockets, however close.
+    """
     text = passages_text.lower()
     names = {m.group(0).rstrip(".") for m in _NAME.finditer(question)}
-    return tuple(sorted(n for n in names if len(n) > 3 and n.lower() not in text))
+    names |= {
+        m.group(1)
+        for m in _PROPER.finditer(question)
+        if not _SENTENCE_START.search(question[: m.start()]) and len(m.group(1)) > 1
+    }
+    return tuple(sorted(n for n in names if len(n) > 1 and n.lower() not in text and _long(n)))
+
+
+def _long(name: str) -> bool:
+    """Short identifiers (`-v`, `ab`) are too common to tell anything by their absence."""
+    return len(name) > 3 or name[:1].isupper()
 
 
 def extract_answer(
@@ -75,6 +102,10 @@ def extract_answer(
     prior = np.array([s.rank_weight / (1 + e.rank) for e in index.entries], dtype=np.float32)
     if s.passage_weight:
         prior += s.passage_weight * _passage_scores(index, base)
+    if s.lead_weight:
+        prior += s.lead_weight * np.array(
+            [e.index == 0 and e.passage.opens_document for e in index.entries], dtype=np.float32
+        )
     best = int(np.argmax(base + prior))
     siblings = index.siblings(best)
     entry = index.entries[best]
@@ -99,9 +130,29 @@ def extract_answer(
         chars = siblings[last].sentence.end - siblings[first].sentence.start
     start_entry = best - (entry.index - first)
     quote = index.quote(start_entry, float(base[best]), through=last)
+    more = None
+    if s.more_above is not None:
+        later = _rest_of_definition(siblings, last)
+        if later:
+            pick = max(later, key=lambda j: base[best - entry.index + j])
+            if base[best - entry.index + pick] >= s.more_above:
+                more = index.quote(
+                    best - entry.index + pick, float(base[best - entry.index + pick])
+                )
+    confidence = float(base.max())  # the best evidence anywhere, whichever sentence is quoted
     subject = _subject(entry.passage.title, quote.text)
     unknown = unknown_names(question, "\n".join(p.text for p in index.passages))
-    return Extraction(quote, float(base[best]), subject, unknown)
+    return Extraction(quote, confidence, subject, unknown, more)
+
+
+def _rest_of_definition(siblings: list, last: int) -> list[int]:
+    """Indices of the sentences after `last` up to the next term line (the next definition)."""
+    out = []
+    for j in range(last + 1, len(siblings)):
+        if siblings[j].sentence.paragraph_start and is_term(siblings[j].sentence.text):
+            break
+        out.append(j)
+    return out
 
 
 def _passage_scores(index: EvidenceIndex, base: np.ndarray, top: int = 2) -> np.ndarray:

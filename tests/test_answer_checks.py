@@ -131,3 +131,81 @@ def test_a_heading_is_never_evidence_and_repeating_one_is_no_claim() -> None:
     ]
     (said,) = attribute("Argparse Tutorial > Introducing Optional arguments [4]", ix)
     assert not said.checked and said.quote is None
+
+
+def test_a_product_the_sources_never_name_is_declined() -> None:
+    """A question about another tool's setting is not answered by a close passage of this
+    manual; a capitalised word that opens a sentence or a possessive is no name of its own."""
+    from ragcache.extract import unknown_names
+
+    sources = "git merge tool settings. Python on Linux."
+    assert unknown_names("Which merge tool does Mercurial's merge setting pick?", sources) == (
+        "Mercurial",
+    )
+    assert unknown_names("Which port does the Flask development server use?", sources) == ("Flask",)
+    assert unknown_names("I build Python on Linux, but files are missing. Why?", sources) == ()
+    assert unknown_names("What is the OS-level file handle of a temporary file?", sources) == ()
+    got = extract_answer("Which merge tool does Mercurial's ui setting select?", index())
+    assert got is not None and decide("extract", got, None, AnswerPolicySettings()).declined
+
+
+def test_a_documents_opening_sentence_is_preferred_for_what_it_is_about() -> None:
+    """Two passages match the question's words about as well; the one whose document opens
+    with its sentence (an FAQ entry, a manual's NAME line) is quoted from its start, not a
+    sentence deep in a tutorial page. Without the lead prior the deeper match would win."""
+    from dataclasses import replace
+
+    from ragcache.extract import ExtractSettings
+
+    tutorial = Passage(
+        1,
+        "tut#7",
+        "Floating Point Arithmetic",
+        "Decimal fractions are stored as binary fractions. So floating-point calculations "
+        "show small errors that surprise users.",
+    )
+    faq = Passage(
+        2,
+        "faq#2",
+        "q002",
+        "Floating-point calculations show errors that surprise users, who think it is a bug. "
+        "It is not.",
+        opens_document=True,
+    )
+    question = "Why do floating-point calculations show small errors?"
+    ix = EvidenceIndex([tutorial, faq])
+    plain = extract_answer(question, ix, replace(ExtractSettings(), lead_weight=0.0))
+    assert plain is not None and plain.quote.number == 1
+    got = extract_answer(question, ix)
+    assert got is not None and got.quote.number == 2 and got.quote.start == 0
+
+
+def test_a_default_stated_at_the_end_of_a_long_definition_is_quoted_too() -> None:
+    """The term's description is quoted from its start; a later sentence of the same definition
+    that answers too (the default, past the length budget) follows after an ellipsis, with its
+    own span and citation, and never one of the next term's."""
+    config = Passage(
+        1,
+        "config#9",
+        "git-config",
+        "http.followRedirects\n"
+        "Whether git should follow HTTP redirects. If set to true, git will transparently "
+        "follow any redirect issued by a server it encounters. If set to false, git will treat "
+        "all redirects as errors. If set to initial, git will follow redirects only for the "
+        "initial request to a remote, but not for subsequent follow-up HTTP requests. Since git "
+        "uses the redirected URL as the base for the follow-up requests, this is generally "
+        "sufficient. The default is initial.\n\n"
+        "http.lowSpeedLimit\n"
+        "If the HTTP transfer speed is less than this many bytes per second, abort.",
+    )
+    got = extract_answer(
+        "What is the default value of the http.followRedirects configuration variable?",
+        EvidenceIndex([config], embedder().embed),
+    )
+    assert got is not None and got.quote.text.startswith("http.followRedirects")
+    assert got.more is not None and "initial" in got.more.text
+    assert got.quote.end < got.more.start < config.text.index("http.lowSpeedLimit")
+    assert config.text[got.more.start : got.more.end] == got.more.text
+    answer = decide("extract", got, None, AnswerPolicySettings(decline_below=0.0))
+    assert " … " in answer.text and answer.text.endswith("[1].")
+    assert [q.start for q in answer.quotes] == [got.quote.start, got.more.start]
