@@ -23,6 +23,7 @@ from ragcache.segments import SegmentedPrompt
 from ragcache.settings import GenerationSettings
 
 if TYPE_CHECKING:
+    from ragcache.cache.chunk_kv import CopiedKV
     from ragcache.runtime import ModelWorker
 
 
@@ -39,6 +40,7 @@ class CacheSessionLike(Protocol):
 
 class PrefixCacheLike(Protocol):
     def begin(self, tokens: Sequence[int], boundaries: Sequence[int]) -> CacheSessionLike: ...
+    def assemble(self, session: Any, chunk_spans: Sequence[tuple[int, int]]) -> list[CopiedKV]: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class GenerationStats:
     drafted_tokens: int = 0  # speculation: draft tokens checked by the model
     accepted_tokens: int = 0  # of those, the ones it agreed with (each saved a decode step)
     decode_steps: int = 0  # forward passes after the first token (0 when not counted)
+    chunk_reused_tokens: int = 0  # chunk reuse: prompt tokens whose K/V was copied, not computed
 
     @property
     def prefill_tps(self) -> float:
@@ -183,20 +186,35 @@ class Engine:
         start: int,
         prompt_cache: list[Any],
         session: CacheSessionLike | None,
+        copies: Sequence[CopiedKV] = (),
     ) -> Iterator[int]:
         """Feed the prompt in bounded steps, pausing at capture positions; yield each position.
 
         Yields `start` first, then the position after each step. Stops before the final piece:
         at most one step long and past every capture position, it is left for the caller to
         compute with logits (`_last_logits`, or the batch generator). A caller may stop
-        iterating between steps (cancellation, or to interleave other work).
+        iterating between steps (cancellation, or to interleave other work). `copies` (chunk
+        reuse): runs of positions whose K/V is appended from chunk entries instead of computed.
         """
         n = len(tokens)
-        stops = sorted({p for p in (session.capture_positions if session else []) if start < p < n})
+        copy_at = {c.start: c for c in copies}
+        stops = sorted(
+            {p for p in (session.capture_positions if session else []) if start < p < n}
+            | {p for p in copy_at if start < p < n}
+        )
+        ropes = getattr(self.cache, "ropes", None) or []
         position = start
         step = max(1, self.settings.prefill_step_size)
         yield position
         while True:
+            stops = [p for p in stops if p > position]
+            if position in copy_at:
+                copied = copy_at.pop(position)
+                copied.append_to(prompt_cache, ropes)
+                mx.eval([c.state for c in prompt_cache])
+                position = copied.end
+                yield position
+                continue
             target = min(position + step, n)
             if stops and stops[0] <= target:
                 target = stops.pop(0)

@@ -9,7 +9,7 @@ example for base models (Gemma 3 270M base answers in the right shape only when 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -107,8 +107,12 @@ def marker(position: int, chunk: SourceChunk) -> str:
 def chunk_segment(tokenizer: Any, position: int, chunk: SourceChunk) -> list[int]:
     """The tokens chunk `chunk` has at `position`: its marker, its stored ids, a line break."""
     head = tokenizer.encode(marker(position, chunk), add_special_tokens=False)
-    tail = tokenizer.encode("\n", add_special_tokens=False)
-    return [*head, *chunk.token_ids, *tail]
+    return [*head, *chunk.token_ids, *chunk_tail(tokenizer)]
+
+
+def chunk_tail(tokenizer: Any) -> list[int]:
+    """The line break after a chunk's ids: part of what chunk reuse may copy."""
+    return list(tokenizer.encode("\n", add_special_tokens=False))
 
 
 @dataclass(frozen=True)
@@ -153,11 +157,14 @@ class PromptBuilder:
         """
         segments: list[str | list[int]] = [self.system_segment()]
         kinds = ["system"]
+        heads: list[int] = []  # per chunk segment: its marker's length
         position = 0
         turns = [*zip(history_chunks, history, strict=True), (chunks, None)]
         for turn_chunks, turn in turns:
             for chunk in turn_chunks:
-                segments.append(self.segment_tokens(position, chunk))
+                segment = self.segment_tokens(position, chunk)
+                segments.append(segment)
+                heads.append(len(segment) - len(chunk.token_ids) - len(self._tail()))
                 kinds.append("chunk")
                 position += 1
             if turn is None:
@@ -170,7 +177,15 @@ class PromptBuilder:
                 kinds.append("answer")
                 segments.append(self.follow_up_glue())
                 kinds.append("template")
-        return encode_segments(self.tokenizer, segments, kinds)
+        prompt = encode_segments(self.tokenizer, segments, kinds)
+        starts = [0, *prompt.boundaries[:-1]]
+        chunk_starts = [a for a, k in zip(starts, prompt.kinds, strict=True) if k == "chunk"]
+        ends = [b for b, k in zip(prompt.boundaries, prompt.kinds, strict=True) if k == "chunk"]
+        spans = [(a + h, b) for a, b, h in zip(chunk_starts, ends, heads, strict=True)]
+        return replace(prompt, chunk_spans=spans)
+
+    def _tail(self) -> list[int]:
+        return chunk_tail(self.tokenizer)
 
     def follow_up_glue(self) -> str:
         """Text between an answer and the next turn's sources."""

@@ -9,6 +9,10 @@ from typing import Any
 from ragcache.errors import InvalidRequestError
 
 SPECULATION_MODES = ("lookup", "off")
+# "epic": chunks computed before in other prompts have their K/V copied into this one, their
+# first tokens recomputed (ragcache.cache.chunk_kv; close to, not the same as, computing them);
+# "off": only exact prefix reuse.
+CHUNK_REUSE_MODES = ("off", "epic")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class SamplingParams:
     # "lookup": greedy decoding drafts tokens from the prompt and verifies them in one pass
     # (ragcache.runtime.speculate; the tokens are the same); "off": one token per step.
     speculation: str = "lookup"
+    chunk_reuse: str = "off"
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequestError on out-of-range values; return self for chaining."""
@@ -37,6 +42,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"unknown speculation mode {self.speculation!r}",
                 hint="one of: " + ", ".join(SPECULATION_MODES),
+            )
+        if self.chunk_reuse not in CHUNK_REUSE_MODES:
+            raise InvalidRequestError(
+                f"unknown chunk reuse mode {self.chunk_reuse!r}",
+                hint="one of: " + ", ".join(CHUNK_REUSE_MODES),
             )
         return self
 

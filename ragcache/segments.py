@@ -19,6 +19,9 @@ class SegmentedPrompt:
     tokens: list[int]
     boundaries: list[int]  # end offset of each segment; the last equals len(tokens)
     kinds: list[str] = field(default_factory=list)  # optional label per segment: system, chunk, ...
+    # [start, end) of each chunk's position-independent tokens (its stored ids, after the
+    # numbered marker): what chunk reuse may copy from a chunk entry.
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)

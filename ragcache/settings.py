@@ -54,6 +54,10 @@ class GenerationSettings:
     # "lookup": greedy decoding drafts from the prompt and checks the draft in one pass (the same
     # tokens, fewer steps; ragcache.runtime.speculate); "off": one token per step.
     speculation: str = "lookup"
+    # "epic": copy the K/V of chunks computed in earlier prompts into this one, recomputing each
+    # chunk's first tokens (ragcache.cache.chunk_kv; close to, not the same as, computing the
+    # prompt: off by default); "off": exact prefix reuse only.
+    chunk_reuse: str = "off"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
     "RAGCACHE_MAX_TOKENS": ("generation", "max_tokens"),
     "RAGCACHE_SPECULATION": ("generation", "speculation"),
+    "RAGCACHE_CHUNK_REUSE": ("generation", "chunk_reuse"),
 }
 
 

@@ -103,6 +103,7 @@ def answer_out(
             prompt_tokens=stats.prompt_tokens,
             cached_tokens=stats.cached_tokens,
             recomputed_tokens=stats.recomputed_tokens,
+            chunk_reused_tokens=stats.chunk_reused_tokens,
             completion_tokens=stats.generated_tokens,
             ttft_s=round(ttft_s, 4),
         ),

@@ -38,6 +38,7 @@ class SamplingRequest:
     # Answers end when they start repeating; raw OpenAI-style generation gives what was asked.
     stop_loops: bool = True
     speculation: str | None = None  # "lookup" or "off"; None: the server's setting
+    chunk_reuse: str | None = None  # "off" or "epic"; None: the server's setting
 
     @classmethod
     def of(
@@ -53,6 +54,7 @@ class SamplingRequest:
             body.stop,
             stop_loops=stop_loops,
             speculation=body.speculation,
+            chunk_reuse=getattr(body, "chunk_reuse", None),
         )
 
 
@@ -76,6 +78,7 @@ def sampling_params(state: AppState, services: Services, req: SamplingRequest) -
         stop=stop,
         stop_loops=req.stop_loops,
         speculation=req.speculation or state.settings.speculation,
+        chunk_reuse=req.chunk_reuse or state.settings.chunk_reuse,
     ).validate()
 
 

@@ -19,6 +19,8 @@ Order = Literal["cache", "relevance", "canonical"]
 AnswerMode = Literal["auto", "generate", "extract"]
 Where = Annotated[str, Meta(min_length=1, max_length=2000)]
 Speculation = Literal["lookup", "off"]  # greedy decoding drafts from the prompt; same tokens
+# "epic": copy the K/V of chunks computed in earlier prompts (close to, not the same as, exact)
+ChunkReuse = Literal["off", "epic"]
 
 
 class _Wire(Struct, kw_only=True):
@@ -28,6 +30,7 @@ class _Wire(Struct, kw_only=True):
 # -- shared ------------------------------------------------------------------------------------
 class PromptTokensDetails(_Wire, kw_only=True):
     cached_tokens: int  # prompt tokens restored from the KV cache instead of computed
+    chunk_reused_tokens: int = 0  # extension: copied from chunk entries (chunk_reuse "epic")
 
 
 class Usage(_Wire, kw_only=True):
@@ -89,6 +92,7 @@ class ChatCompletionRequest(_Wire, kw_only=True):
     stream_options: StreamOptions | None = None
     retrieval: RetrievalOptions | None = None
     speculation: Speculation | None = None  # extension: "off" decodes one token per step
+    chunk_reuse: ChunkReuse | None = None  # extension; None: the server's setting
 
 
 class CompletionRequest(_Wire, kw_only=True):
@@ -103,6 +107,7 @@ class CompletionRequest(_Wire, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     speculation: Speculation | None = None  # extension: "off" decodes one token per step
+    chunk_reuse: ChunkReuse | None = None  # extension; None: the server's setting
 
 
 class AssistantMessage(_Wire, kw_only=True):
@@ -171,6 +176,7 @@ class AskRequest(_Wire, kw_only=True):
     seed: Seed | None = None
     stop: Stop | None = None
     speculation: Speculation | None = None
+    chunk_reuse: ChunkReuse | None = None  # None: the server's setting
     # The id an earlier answer returned: this question continues that conversation (its turns
     # are in the prompt, and its path in the KV cache is reused).
     conversation: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
@@ -178,8 +184,9 @@ class AskRequest(_Wire, kw_only=True):
 
 class AskUsage(_Wire, kw_only=True):
     prompt_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # restored from the exact prefix cache
     recomputed_tokens: int
+    chunk_reused_tokens: int = 0  # copied from chunk entries (chunk_reuse "epic")
     completion_tokens: int
     ttft_s: float  # request arrival to first token, retrieval included
 

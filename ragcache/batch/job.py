@@ -43,6 +43,7 @@ class BatchSettings:
     max_tokens: int = 256  # per answer, unless a line sets its own
     temperature: float = 0.0
     speculation: str = "lookup"  # greedy answers draft from their prompt (same tokens)
+    chunk_reuse: str = "off"  # "epic": copy chunk K/V computed for earlier questions
     # Hold a request until its leader's prefill is done when they share at least this many
     # tokens: restoring them then beats computing them concurrently in the batch.
     wait_min_tokens: int = 64
@@ -257,6 +258,7 @@ class BatchJob:
             max_tokens=request.max_tokens or s.max_tokens,
             temperature=s.temperature,
             speculation=s.speculation,
+            chunk_reuse=s.chunk_reuse,
         )
 
     def _prepare(self, todo: list[BatchRequest], log: AnswerLog) -> list[Prepared]:

@@ -14,14 +14,31 @@ import logging
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from ragcache.cache.chunk_kv import (
+    CopiedKV,
+    Piece,
+    chunk_key,
+    plan_assembly,
+    rerotate,
+    rope_modules,
+)
 from ragcache.cache.disk import DiskTier, TierIdentity, path_key
 from ragcache.cache.disk_file import array_dtypes
-from ragcache.cache.layers import Codec, LayerKind, SpanMissing, evaluate, layer_kind, n_bytes
+from ragcache.cache.layers import (
+    Codec,
+    KVSpans,
+    LayerKind,
+    SpanMissing,
+    evaluate,
+    layer_kind,
+    n_bytes,
+)
 from ragcache.cache.session import (
     CacheSession,
     capture_positions,
@@ -79,6 +96,9 @@ class PrefixCache:
         self.kv_dtypes = ""  # of the stored arrays, known once the probe has run
         self.min_node_bytes = self._smallest_node_bytes(probe) if None not in kinds else 0
         self.enabled = settings.enabled and self._usable(kinds)
+        self.ropes = rope_modules(loaded.model)
+        self.chunk_unsupported = self._chunk_unsupported()
+        self.chunk_lookups = self.chunk_tokens = self.chunk_entries = 0
         self.disk: DiskTier | None = None
         if self.enabled and settings.disk_dir is not None:
             identity = TierIdentity.current(
@@ -112,6 +132,16 @@ class PrefixCache:
             )
             return False
         return True
+
+    def _chunk_unsupported(self) -> str | None:
+        """Why chunk reuse cannot run on this model (None: it can)."""
+        if not self.enabled:
+            return "the prefix cache is off"
+        if not all(isinstance(k, KVSpans) for k in self.kinds):
+            return "the model has sliding-window or recurrent layers"
+        if self.ropes is None or len(self.ropes) != len(self.kinds):
+            return "the model's position encoding cannot be re-rotated exactly"
+        return None
 
     def _smallest_node_bytes(self, probe: list[Any]) -> int:
         # One real token through the model: the bytes one token's span and checkpoint would take.
@@ -266,6 +296,116 @@ class PrefixCache:
     def _checkpointed_path(self, tokens: list[int]) -> list[Node]:
         match = self.tree.match(tokens)
         return [n for n in match.path if n.has_checkpoint and n.end <= match.prefix_len]
+
+    # -- chunk entries (ragcache.cache.chunk_kv) ----------------------------------------------
+    def assemble(
+        self, session: CacheSession, chunk_spans: Sequence[tuple[int, int]]
+    ) -> list[CopiedKV]:
+        """Plan `session`'s prompt with chunk reuse: the K/V to copy from chunk entries (the
+        caller computes the rest). Limits the session to storing what stays exact, and has it
+        store the chunks it computes as entries at `finish`. Never raises for a cache problem:
+        the worst case is no copy (everything computed)."""
+        with self._lock:
+            session.chunk_spans = list(chunk_spans)
+            if self.chunk_unsupported is not None:
+                return []
+            tokens = session.tokens
+            entries: dict[int, list[tuple[mx.array, mx.array]]] = {}
+            for i, (a, b) in enumerate(chunk_spans):
+                if a >= session.start:
+                    found = self._chunk_entry(tokens[a:b])
+                    if found is not None:
+                        entries[i] = found
+            pieces = plan_assembly(
+                len(tokens),
+                session.start,
+                chunk_spans,
+                entries.__contains__,
+                self.settings.chunk_recompute_tokens,
+                self.settings.chunk_min_tokens,
+            )
+            copies = [_copied(p, entries) for p in pieces if p.copied]
+            self.chunk_lookups += 1
+            if copies:
+                copied = sum(c.end - c.start for c in copies)
+                self.chunk_tokens += copied
+                session.exact_until = copies[0].start
+                session.capture_positions = [
+                    p for p in session.capture_positions if p <= copies[0].start
+                ]
+                lookup = session.lookup
+                session.lookup = replace(
+                    lookup,
+                    chunk_tokens=copied,
+                    recomputed_tokens=lookup.recomputed_tokens - copied,
+                )
+                reused = {c.chunk for c in pieces if c.copied}
+                session.chunk_spans = [s for i, s in enumerate(chunk_spans) if i not in reused]
+            return copies
+
+    def _chunk_entry(self, body: Sequence[int]) -> list[tuple[mx.array, mx.array]] | None:
+        """Per layer (keys, values) of a chunk entry's body, or None when it is not (all) there."""
+        key = chunk_key(body)
+        match = self.tree.match(key)
+        if match.prefix_len < len(key):
+            return None
+        protect = {id(self.tree.root)} | {id(n) for n in match.path}
+        data = []
+        for node in match.path:
+            loaded = self.tree.load(node, protect)
+            if loaded is None:
+                return None  # unreadable disk copy, dropped: compute instead
+            data.append(loaded[0])
+        cut = len(key) - match.path[-1].start
+        out = []
+        for i, kind in enumerate(self.kinds):
+            spans = [payload[i] for payload in data]
+            if cut < match.path[-1].n_tokens:
+                spans[-1] = kind.split(spans[-1], cut)[0]
+            cache = kind.restore(spans, None, len(key))
+            out.append((cache.keys[..., 1 : len(key), :], cache.values[..., 1 : len(key), :]))
+        self.tree.touch(match.path)
+        return out
+
+    def store_chunks(
+        self, live: Sequence[Any], tokens: Sequence[int], spans: Sequence[tuple[int, int]]
+    ) -> int:
+        """Store the chunks at `spans` of `tokens` (whose K/V `live` holds) as chunk entries,
+        keys rotated back to the canonical position; return how many were new."""
+        with self._lock:
+            if self.chunk_unsupported is not None or not spans:
+                return 0
+            assert self.ropes is not None
+            added = 0
+            for a, b in spans:
+                key = chunk_key(tokens[a:b])
+                if b <= a or any(getattr(c, "offset", 0) < b for c in live):
+                    continue
+                if self.tree.match(key).prefix_len == len(key):
+                    continue
+                synthetic = []
+                for cache, rope in zip(live, self.ropes, strict=True):
+                    keys = rerotate(cache.keys[..., a:b, :], rope, 1 - a)
+                    values = cache.values[..., a:b, :]
+                    pad = mx.zeros((*keys.shape[:2], 1, keys.shape[3]), dtype=keys.dtype)
+                    c = KVCache()
+                    c.keys = mx.concatenate([pad, keys], axis=2)
+                    c.values = mx.concatenate([pad.astype(values.dtype), values], axis=2)
+                    c.offset = len(key)
+                    synthetic.append(c)
+
+                def payload_for(x: int, y: int, caches: list[Any] = synthetic) -> Any:
+                    data = tuple(
+                        k.take_span(c, x, y) for k, c in zip(self.kinds, caches, strict=True)
+                    )
+                    evaluate(data)
+                    return data
+
+                if self.tree.insert(key, payload_for, None) is not None:
+                    added += 1
+            self.chunk_entries += added
+            self._check_disk()
+            return added
 
     # -- store (called by CacheSession) -------------------------------------------------------
     def store(self, session: CacheSession, tokens: Sequence[int], checkpoint: bool) -> Node | None:
@@ -424,7 +564,17 @@ class PrefixCache:
                 disk_reads=self.disk.reads if self.disk else 0,
                 disk_errors=self.disk.errors if self.disk else 0,
                 invalidated=self.invalidated,
+                chunk_lookups=self.chunk_lookups,
+                chunk_tokens=self.chunk_tokens,
+                chunk_entries=self.chunk_entries,
             )
+
+
+def _copied(piece: Piece, entries: dict[int, list[tuple[mx.array, mx.array]]]) -> CopiedKV:
+    assert piece.chunk is not None
+    a, b = piece.offset, piece.offset + piece.end - piece.start
+    layers = [(k[..., a:b, :], v[..., a:b, :]) for k, v in entries[piece.chunk]]
+    return CopiedKV(piece.start, piece.end, piece.offset, layers)
 
 
 __all__ = ["PrefixCache", "path_key"]

@@ -80,8 +80,17 @@ class CacheSession:
         self.capture_positions = capture_positions
         self.lookup = lookup
         self._owner, self._tokens, self._pinned = owner, tokens, pinned
+        # Chunk reuse (PrefixCache.assemble): tokens from here on hold copied K/V, which is close
+        # to but not what computing them gives, so they are never stored as an exact prefix;
+        # `chunk_spans` are the chunks this prompt computes, stored as chunk entries at finish.
+        self.exact_until: int | None = None
+        self.chunk_spans: list[tuple[int, int]] = []
         self._done = False
         self._mark = (start, time.perf_counter())  # last (position, time): measures prefill speed
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._tokens
 
     def capture(self, position: int) -> None:
         """Store what the tree lacks of tokens[:position] plus a checkpoint there.
@@ -90,7 +99,7 @@ class CacheSession:
         """
         if not 0 < position <= len(self._tokens):
             raise ValueError(f"capture position {position} outside 1..{len(self._tokens)}")
-        if self._done:
+        if self._done or (self.exact_until is not None and position > self.exact_until):
             return
         now = time.perf_counter()
         self._owner.measured_prefill(position - self._mark[0], now - self._mark[1])
@@ -111,8 +120,12 @@ class CacheSession:
             keep = list(all_tokens)
             if not self._owner.settings.store_generated and not self._owner.snapshots:
                 keep = keep[: len(self._tokens)]  # span layers can store the prompt part alone
+            if self.exact_until is not None:
+                keep = keep[: self.exact_until]
             if keep:
                 self._keep(self._owner.store(self, keep, checkpoint=True))
+            if self.chunk_spans:
+                self._owner.store_chunks(self.prompt_cache, self._tokens, self.chunk_spans)
         finally:
             self.abort()
 

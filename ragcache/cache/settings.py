@@ -48,6 +48,11 @@ class CacheSettings:
     store_generated: bool = True
     kv_bits: int | None = None  # None: stored as computed; 8 or 4: mx.quantize'd
     kv_group_size: int = 64
+    # Chunk reuse (ragcache.cache.chunk_kv, opt-in per request): tokens of each reused chunk
+    # computed in the new prompt before its stored K/V is copied, and the shortest chunk worth
+    # copying. Chosen by benchmarks/chunk_reuse.py.
+    chunk_recompute_tokens: int = 8
+    chunk_min_tokens: int = 24
     disk_dir: Path | None = None  # None: no disk tier
     disk_bytes: int = 16 * GIB
 
@@ -76,6 +81,8 @@ class CacheSettings:
             raise ConfigError(f"kv_group_size must be 32, 64 or 128, got {self.kv_group_size}")
         if self.checkpoint_every_tokens < 0:
             raise ConfigError("checkpoint_every_tokens must be >= 0 (0: boundaries only)")
+        if self.chunk_recompute_tokens < 0 or self.chunk_min_tokens < 1:
+            raise ConfigError("chunk_recompute_tokens must be >= 0 and chunk_min_tokens >= 1")
         if self.disk_bytes < 0:
             raise ConfigError("disk_bytes must be >= 0")
         return self

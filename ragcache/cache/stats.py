@@ -16,7 +16,8 @@ class LookupStats:
     ram_tokens: int  # of `start`, restored from RAM
     disk_tokens: int  # of `start`, read back from the disk tier
     checkpoint_position: int | None  # the checkpoint used (models with snapshot layers), if any
-    recomputed_tokens: int  # prompt_tokens - start
+    recomputed_tokens: int  # prompt_tokens - start - chunk_tokens
+    chunk_tokens: int = 0  # copied from chunk entries (chunk reuse): approximate, not exact
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +47,9 @@ class CacheStats:
     disk_reads: int
     disk_errors: int  # corrupt or unreadable files dropped
     invalidated: int
+    chunk_lookups: int = 0  # prompts assembled with chunk reuse on
+    chunk_tokens: int = 0  # tokens copied from chunk entries, summed
+    chunk_entries: int = 0  # chunk entries stored
 
     @property
     def token_hit_rate(self) -> float:

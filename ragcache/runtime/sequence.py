@@ -39,6 +39,7 @@ class Sequence:
         self.session: CacheSessionLike | None = None
         self.prompt_cache: list[Any] = []
         self.start = 0  # prompt tokens restored from the cache
+        self.chunk_tokens = 0  # prompt tokens copied from chunk entries (chunk reuse)
         self.position = 0  # prompt tokens whose KV is computed
         self.uid: int | None = None  # the batch generator's id, once decoding
         self.seen: list[int] = []  # every token fed back to the model, eos included
@@ -60,14 +61,20 @@ class Sequence:
         """Restore the longest cached prefix and get ready to prefill the rest."""
         tokens = self.prompt.tokens
         cache = engine.cache
+        copies: list[Any] = []
         if cache is not None:
             self.session = cache.begin(tokens, self.prompt.boundaries)
             self.prompt_cache, self.start = self.session.prompt_cache, self.session.start
+            if self.params.chunk_reuse != "off" and self.prompt.chunk_spans:
+                copies = cache.assemble(self.session, self.prompt.chunk_spans)
+                self.chunk_tokens = sum(c.end - c.start for c in copies)
         else:
             from mlx_lm.models.cache import make_prompt_cache
 
             self.prompt_cache, self.start = make_prompt_cache(engine.loaded.model), 0
-        self._steps = engine.prefill_steps(tokens, self.start, self.prompt_cache, self.session)
+        self._steps = engine.prefill_steps(
+            tokens, self.start, self.prompt_cache, self.session, copies
+        )
         self.position = next(self._steps)
         self._detok = engine.loaded.tokenizer.detokenizer
         self._detok.reset()
@@ -142,7 +149,7 @@ class Sequence:
         stats = GenerationStats(
             prompt_tokens=len(self.prompt.tokens),
             cached_tokens=self.start,
-            recomputed_tokens=len(self.prompt.tokens) - self.start,
+            recomputed_tokens=len(self.prompt.tokens) - self.start - self.chunk_tokens,
             generated_tokens=len(self.generated),
             ttft_s=first - self.submitted,
             prefill_s=first - self.submitted,
@@ -152,6 +159,7 @@ class Sequence:
             drafted_tokens=self.spec.stats.drafted if self.spec else 0,
             accepted_tokens=self.spec.stats.accepted if self.spec else 0,
             decode_steps=self.spec.stats.steps if self.spec else 0,
+            chunk_reused_tokens=self.chunk_tokens,
         )
         text, generated = "".join(self.text), list(self.generated)
         if reason == "loop" and self.guard is not None:  # keep the first copy, drop repeats

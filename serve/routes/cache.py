@@ -43,8 +43,10 @@ class CacheController(Controller):
         tokenizer = services.stack.loaded.tokenizer
 
         def label(ids: list[int]) -> str:
-            text = " ".join(tokenizer.decode(ids).split())
-            return text[:80]
+            # Chunk entries (chunk reuse) start with a mark that is no token: say what they are.
+            kind = "chunk entry: " if ids and ids[0] < 0 else ""
+            text = " ".join(tokenizer.decode([i for i in ids if i >= 0]).split())
+            return (kind + text)[:80]
 
         return CacheTree(
             nodes=[

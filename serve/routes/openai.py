@@ -58,7 +58,9 @@ def usage(stats: GenerationStats) -> Usage:
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.generated_tokens,
         total_tokens=stats.prompt_tokens + stats.generated_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=stats.cached_tokens, chunk_reused_tokens=stats.chunk_reused_tokens
+        ),
     )
 
 

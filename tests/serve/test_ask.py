@@ -100,9 +100,12 @@ def test_extract_mode_answers_with_a_quote_and_runs_no_model(http: httpx.Client)
     out = http.post("/v1/ask", json=body).json()
     assert out["method"] == "extracted" and out["finish_reason"] == "extracted"
     assert out["usage"]["completion_tokens"] == 0 and out["model_text"] == ""
-    (quote,) = out["quotes"]
-    assert out["citations"] == [quote["number"]]
-    assert " ".join(quote["quote"].split()).rstrip(".!?:;") in out["answer"]
+    # the quoted sentence(s), and maybe a later sentence of the same passage after an ellipsis
+    quotes = out["quotes"]
+    assert 1 <= len(quotes) <= 2 and len({q["number"] for q in quotes}) == 1
+    assert out["citations"] == [quotes[0]["number"]]
+    for quote in quotes:
+        assert " ".join(quote["quote"].split()).rstrip(".!?:;") in out["answer"]
     events = ask_stream(http, {**body, "stream": True})
     assert [e.event for e in events] == ["sources", "token", "done"]
     assert events[-1].json()["answer"] == out["answer"]
@@ -157,3 +160,20 @@ def test_speculation_can_be_chosen_per_request_and_gives_the_same_answer(
     assert chosen["model_text"] == plain["model_text"]
     bad = http.post("/v1/ask", json={**body, "speculation": "medusa"})
     assert bad.status_code == 422 and "speculation" in bad.text
+
+
+def test_chunk_reuse_is_chosen_per_request_and_reported(http: httpx.Client) -> None:
+    """The same chunks in another order: with chunk_reuse "epic" the ones the exact prefix
+    misses are copied, and usage says how many; a bad mode is refused."""
+    body = {"question": "What does a cache keep?", "stream": False, "max_tokens": 4, "k": 4}
+    http.post("/v1/ask", json={**body, "order": "canonical", "chunk_reuse": "epic"})
+    got = http.post("/v1/ask", json={**body, "order": "relevance", "chunk_reuse": "epic"}).json()
+    usage = got["usage"]
+    assert usage["prompt_tokens"] == (
+        usage["cached_tokens"] + usage["chunk_reused_tokens"] + usage["recomputed_tokens"]
+    )
+    assert usage["chunk_reused_tokens"] > 0, usage
+    exact = http.post("/v1/ask", json={**body, "order": "relevance"}).json()
+    assert exact["usage"]["chunk_reused_tokens"] == 0
+    bad = http.post("/v1/ask", json={**body, "chunk_reuse": "everything"})
+    assert bad.status_code == 422 and "chunk_reuse" in bad.text
