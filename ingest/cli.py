@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ingest.chunker import ChunkSettings
@@ -47,7 +46,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="file, folder or glob ('docs/**/*.md')")
-    p.add_argument("--db", type=Path, help="LanceDB folder (default: $RAGCACHE_HOME/db)")
+    p.add_argument(
+        "--db",
+        help="LanceDB folder or object-store URI (s3://bucket/prefix, gs://, az://; "
+        "default: $RAGCACHE_HOME/db)",
+    )
     p.add_argument("--table", default="chunks", help="table name (default: chunks)")
     p.add_argument("--sync", action="store_true", help="delete stored documents gone from PATHs")
     p.add_argument(

@@ -2,7 +2,8 @@
 
 Written (and fsynced) before each commit that removes chunks, read back by the next job: if a job is
 killed after its commit but before its report, the rerun still reports those ids, so the KV cache
-never misses an invalidation. Cleared once a job has reported them.
+never misses an invalidation. Cleared once a job has reported them. A local store keeps it as a
+file beside the table; a store on object storage as a table of its own (`TableJournal`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
 
 
 class RemovalJournal:
@@ -47,3 +51,46 @@ class RemovalJournal:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class TableJournal:
+    """The same journal as a small LanceDB table beside the chunk table, for stores on object
+    storage (no local file the next job is sure to see). A record is one committed row, so a
+    killed job leaves whole records or none."""
+
+    def __init__(self, db: Any, name: str) -> None:
+        self.db = db
+        self.name = name
+
+    def _table(self) -> Any | None:
+        try:
+            return self.db.open_table(self.name)
+        except ValueError as exc:  # lancedb's "Table 'x' was not found"
+            if "not found" in str(exc):
+                return None
+            raise
+
+    def pending(self) -> list[str]:
+        table = self._table()
+        if table is None:
+            return []
+        rows = table.search().select(["ids"]).limit(None).to_arrow()["ids"].to_pylist()
+        return [i for row in rows for i in row]
+
+    def record(self, chunk_ids: Iterable[str]) -> None:
+        ids = list(chunk_ids)
+        if not ids:
+            return
+        data = pa.table({"ids": pa.array([ids], pa.list_(pa.string()))})
+        table = self._table()
+        if table is None:
+            self.db.create_table(self.name, data)
+        else:
+            table.add(data)
+
+    def clear(self) -> None:
+        if self._table() is not None:
+            self.db.drop_table(self.name)
+
+
+Journal = RemovalJournal | TableJournal

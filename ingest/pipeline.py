@@ -28,7 +28,8 @@ from typing import Any
 from ingest.chunker import Tokens
 from ingest.documents import Skipped
 from ingest.formats import FileRef, content_fingerprint, is_multi_document
-from ingest.journal import RemovalJournal
+from ingest.journal import Journal, RemovalJournal, TableJournal
+from ingest.lease import table_lease
 from ingest.producer import END, DocumentProducer, DocWork
 from ingest.report import JobReport, Progress
 from ingest.rows import build_rows, doc_version
@@ -45,6 +46,7 @@ from ragcache.store import (
     open_store,
 )
 from ragcache.store import tokenizer_identity as folder_tokenizer_identity
+from ragcache.store_location import StoreLocation, normalise
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class JobSpec:
     """What to ingest and where."""
 
     paths: tuple[str, ...]
-    db_dir: Path
+    db_dir: StoreLocation  # a local folder or an object-store URI (s3://bucket/prefix)
     table: str = "chunks"
     sync: bool = False
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
@@ -90,19 +92,26 @@ def run_job(
     folder = None if tokens is not None else tokenizer_folder(spec.generator, home)
     tok_id = tokens.identity if tokens is not None else folder_tokenizer_identity(folder)  # type: ignore[arg-type]
     pipeline_id = _pipeline_id(settings, tok_id, embedder.identity)
-    if spec.db_dir.exists() and not spec.db_dir.is_dir():
-        raise StoreError(
-            f"{spec.db_dir} is a file, not a LanceDB folder", hint="pass --db a folder"
-        )
-    spec.db_dir.mkdir(parents=True, exist_ok=True)
-    with _job_lock(spec.db_dir, spec.table):
+    try:
+        db = normalise(spec.db_dir)
+    except ValueError as exc:
+        raise StoreError(str(exc), hint="pass --db a folder or an s3://, gs://, az:// URI") from exc
+    if isinstance(db, Path):
+        if db.exists() and not db.is_dir():
+            raise StoreError(f"{db} is a file, not a LanceDB folder", hint="pass --db a folder")
+        db.mkdir(parents=True, exist_ok=True)
+    with _job_lock(db, spec.table):
         store = open_store(
-            spec.db_dir,
+            db,
             StoreSettings(table=spec.table),
             dim=embedder.dim,
             embedder_id=embedder.identity,
         )
-        journal = RemovalJournal(spec.db_dir / f".{spec.table}.removed.jsonl")
+        journal: Journal = (
+            RemovalJournal(db / f".{spec.table}.removed.jsonl")
+            if isinstance(db, Path)
+            else TableJournal(store.db, f"_{spec.table}_removed")
+        )
         pending = journal.pending()
         states = store.doc_states()
         todo, seen = _plan(scan, states, pipeline_id, settings, report)
@@ -181,7 +190,7 @@ def _consume(
     store: ChunkStore,
     embedder: Embedder,
     tokenizer_id: str,
-    journal: RemovalJournal,
+    journal: Journal,
     settings: IngestSettings,
     report: JobReport,
     seen: set[str],
@@ -269,7 +278,7 @@ def _sync(
     seen: set[str],
     protected: list[str],
     store: ChunkStore,
-    journal: RemovalJournal,
+    journal: Journal,
     report: JobReport,
 ) -> None:
     """Delete stored documents the scan covered but did not find; skipped files are kept."""
@@ -300,16 +309,32 @@ def _should_compact(store: ChunkStore, report: JobReport, settings: IngestSettin
 
 
 @contextmanager
-def _job_lock(db_dir: Path, table: str) -> Iterator[None]:
-    """One writer per table. flock is released by the kernel when the holder dies, even by SIGKILL."""
-    path = db_dir / f".{table}.lock"
+def _job_lock(db: StoreLocation, table: str) -> Iterator[None]:
+    """One writer per table. A local folder: flock, released by the kernel when the holder dies,
+    even by SIGKILL. An object store: a lease table (`ingest.lease`), taken over once expired."""
+    if not isinstance(db, Path):
+        import lancedb
+
+        try:
+            lease = table_lease(lancedb.connect(str(db)), table, str(db))
+            lease.__enter__()
+        except StoreBusyError:
+            raise
+        except Exception as exc:  # no bucket, no credentials, no network: say where
+            raise StoreError(f"cannot open the store at {db}: {exc}") from exc
+        try:
+            yield
+        finally:
+            lease.__exit__(None, None, None)
+        return
+    path = db / f".{table}.lock"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise StoreBusyError(
-                f"another ingest job is writing table {table!r} in {db_dir}",
+                f"another ingest job is writing table {table!r} in {db}",
                 hint="retry when it has finished, or ingest into another --table",
             ) from exc
         yield

@@ -24,6 +24,18 @@ NO_SPECULATE_HELP = (
 )
 
 
+CHUNK_REUSE_HELP = (
+    "epic: copy the KV of chunks computed in earlier prompts, recomputing each chunk's first "
+    "tokens (faster prefill, answers close to but not the same as exact); off: exact prefix "
+    "reuse only (default: RAGCACHE_CHUNK_REUSE, else off)"
+)
+
+
+def chunk_reuse(args: Any, gen: GenerationSettings) -> str:
+    """The chunk reuse mode: --chunk-reuse, else the setting (RAGCACHE_CHUNK_REUSE)."""
+    return getattr(args, "chunk_reuse", None) or gen.chunk_reuse
+
+
 def speculation(args: Any, gen: GenerationSettings) -> str:
     """The speculation mode: off with --no-speculate, else the setting (RAGCACHE_SPECULATION)."""
     return "off" if getattr(args, "no_speculate", False) else gen.speculation
@@ -62,11 +74,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument("--no-speculate", action="store_true", help=NO_SPECULATE_HELP)
+    gen.add_argument("--chunk-reuse", choices=("off", "epic"), help=CHUNK_REUSE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     ask = sub.add_parser("ask", help="answer a question from the store, with cited sources")
     ask.add_argument("question", help="the question; '-' reads it from standard input")
-    ask.add_argument("--db", type=Path, default=None, help="LanceDB folder (default: HOME/db)")
+    ask.add_argument(
+        "--db",
+        default=None,
+        help="LanceDB folder or object-store URI (s3://bucket/prefix, gs://, az://; default: HOME/db)",
+    )
     ask.add_argument("--table", default="chunks")
     ask.add_argument("--k", type=int, default=None, help="chunks to retrieve (default 5)")
     ask.add_argument("--order", choices=list(ORDERS), default="cache")
@@ -98,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ask.add_argument("--json", action="store_true", help="one JSON object per answer")
     ask.add_argument("--no-speculate", action="store_true", help=NO_SPECULATE_HELP)
+    ask.add_argument("--chunk-reuse", choices=("off", "epic"), help=CHUNK_REUSE_HELP)
     ask.set_defaults(func=cmd_ask)
 
     from ragcache.batch.cli import register as register_batch
@@ -156,6 +174,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         speculation=speculation(args, gen),
+        chunk_reuse=chunk_reuse(args, gen),
     )
     engine = Engine(loaded, gen)
     for event in engine.stream(prompt, params):
@@ -194,7 +213,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     conversation = Conversation()
     max_tokens = args.max_tokens or stack.answerer.settings.max_tokens
     params = SamplingParams(
-        max_tokens=max_tokens, speculation=speculation(args, settings.generation)
+        max_tokens=max_tokens,
+        speculation=speculation(args, settings.generation),
+        chunk_reuse=chunk_reuse(args, settings.generation),
     )
     try:
         while question:

@@ -16,11 +16,12 @@ from ragcache.model_loader import LoadedModel, load_model
 from ragcache.retrieve import RetrievalSettings, Retriever
 from ragcache.settings import Settings
 from ragcache.store import ChunkStore, StoreSettings, open_store
+from ragcache.store_location import StoreLocation
 
 
 @dataclass(frozen=True)
 class StackOptions:
-    db_dir: Path | None = None  # default: settings.home / "db"
+    db_dir: StoreLocation | None = None  # a folder or an object-store URI; default HOME/db
     table: str = "chunks"
     model: str | None = None  # default: settings.model.name
     cache: bool = True

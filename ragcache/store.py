@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ragcache.errors import InvalidRequestError, RagcacheError
+from ragcache.store_location import StoreLocation, normalise
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def fuse_convex(rankings: Sequence[tuple[Sequence[SearchHit], float]], k: int) -
 
 
 def open_store(
-    db_dir: Path,
+    db_dir: StoreLocation,
     settings: StoreSettings = StoreSettings(),
     *,
     dim: int | None = None,
@@ -430,13 +431,17 @@ def open_store(
 ) -> ChunkStore:
     """Open the chunk table, creating it when `dim` is given and it does not exist yet.
 
-    Raises SchemaMismatchError when the table was made by another schema version or embedder
-    (nothing is changed on disk), StoreError when it is missing and cannot be created.
+    `db_dir` is a local folder or an object-store URI (`ragcache.store_location`). Raises
+    SchemaMismatchError when the table was made by another schema version or embedder (nothing
+    is changed on disk), StoreError when it is missing and cannot be created.
     """
     import lancedb
 
-    db_dir = Path(db_dir)
-    if db_dir.exists() and not db_dir.is_dir():
+    try:
+        db_dir = normalise(db_dir)
+    except ValueError as exc:
+        raise StoreError(str(exc), hint="pass --db a folder or an s3://, gs://, az:// URI") from exc
+    if isinstance(db_dir, Path) and db_dir.exists() and not db_dir.is_dir():
         raise StoreError(f"{db_dir} is a file, not a LanceDB folder", hint="pass --db a folder")
     try:
         db = lancedb.connect(str(db_dir))
@@ -466,7 +471,9 @@ def _open_existing(db: Any, name: str) -> Any:
         raise
 
 
-def _check_schema(schema: pa.Schema, db_dir: Path, name: str, embedder_id: str | None) -> None:
+def _check_schema(
+    schema: pa.Schema, db_dir: StoreLocation, name: str, embedder_id: str | None
+) -> None:
     meta = schema.metadata or {}
     version = meta.get(_META_VERSION, b"").decode() or "none"
     hint = "ingest into a new --db folder or --table name; the existing table was left as it is"

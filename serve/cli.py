@@ -25,7 +25,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host", default=d.host, help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--db", type=Path, default=None, help="LanceDB folder (default: HOME/db)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="LanceDB folder or object-store URI (s3://bucket/prefix, gs://, az://; default: HOME/db)",
+    )
     p.add_argument("--table", default=d.table)
     p.add_argument("--model", default=None, help="embedded name, model folder or hub id")
     p.add_argument("--no-cache", action="store_true", help="compute every prompt from scratch")
@@ -62,6 +66,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="beyond: 429")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
+    p.add_argument(
+        "--chunk-reuse",
+        choices=("off", "epic"),
+        default="off",
+        help="epic: copy the KV of chunks computed in earlier prompts, recomputing each chunk's "
+        "first tokens (faster prefill; answers close to, not the same as, exact); a request's "
+        "chunk_reuse field overrides it",
+    )
     p.add_argument(
         "--no-speculate",
         action="store_true",
@@ -105,6 +117,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_batch=args.max_batch,
         store_refresh_s=args.store_refresh,
         speculation="off" if args.no_speculate else "lookup",
+        chunk_reuse=args.chunk_reuse,
         answer_mode=args.mode,
         decline_below=args.decline_below,
     ).validate()

@@ -25,6 +25,7 @@ from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.settings import Settings
 from ragcache.stack import Stack, StackOptions, build_stack
 from ragcache.store import StoreSettings, open_store
+from ragcache.store_location import StoreLocation
 from ragcache.store_watch import StoreWatcher
 from serve.batches import BatchManager
 from serve.conversations import Conversations
@@ -44,7 +45,7 @@ class Services:
     stack: Stack
     worker: ModelWorker
     model_id: str
-    db_dir: Path
+    db_dir: str  # the store's folder or URI as text (request handlers' DI types must be plain)
     uploads_dir: Path
     max_prompt_tokens: int
     default_max_tokens: int
@@ -110,7 +111,7 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         stack=stack,
         worker=worker,
         model_id=stack.loaded.name,
-        db_dir=db_dir,
+        db_dir=str(db_dir),
         uploads_dir=uploads,
         max_prompt_tokens=min(settings.max_prompt_tokens or context, context),
         default_max_tokens=min(
@@ -135,10 +136,11 @@ def _store_refresher(stack: Stack, worker: ModelWorker, interval_s: float) -> St
     return refresher
 
 
-def _ensure_table(db_dir: Path, table: str) -> None:
+def _ensure_table(db_dir: StoreLocation, table: str) -> None:
     # A fresh server starts with an empty table, so documents can be uploaded before any ingest.
     embedder = SentenceTransformerEmbedder()  # lazy: dim and identity come from its files
-    db_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(db_dir, Path):
+        db_dir.mkdir(parents=True, exist_ok=True)
     open_store(db_dir, StoreSettings(table=table), dim=embedder.dim, embedder_id=embedder.identity)
 
 

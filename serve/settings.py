@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragcache.errors import ConfigError
+from ragcache.store_location import StoreLocation, normalise
 
 MIB = 1 << 20
 
@@ -14,7 +15,7 @@ MIB = 1 << 20
 class ServeSettings:
     host: str = "127.0.0.1"  # loopback: exposing the service is a deliberate choice
     port: int = 8000
-    db_dir: Path | None = None  # default: HOME/db
+    db_dir: StoreLocation | None = None  # a folder or an s3:// (gs://, az://) URI; default HOME/db
     table: str = "chunks"
     model: str | None = None  # default: the configured model
     cache: bool = True
@@ -45,6 +46,9 @@ class ServeSettings:
     # Greedy answers draft from their prompt and verify in one pass (same tokens): "lookup" or
     # "off"; a request's `speculation` field overrides it (benchmarks/speculative.py).
     speculation: str = "lookup"
+    # "off" (exact prefix reuse only) or "epic" (ragcache.cache.chunk_kv: copies chunk K/V,
+    # close to but not the same as exact); a request's `chunk_reuse` field overrides it.
+    chunk_reuse: str = "off"
 
     def validate(self) -> ServeSettings:
         from ragcache.answer_policy import ANSWER_MODES
@@ -54,6 +58,8 @@ class ServeSettings:
                 f"unknown answer mode {self.answer_mode!r}",
                 hint="one of: " + ", ".join(ANSWER_MODES),
             )
+        if self.chunk_reuse not in ("off", "epic"):
+            raise ConfigError(f"unknown chunk reuse mode {self.chunk_reuse!r}", hint="off or epic")
         if self.decline_below is not None and not 0.0 <= self.decline_below <= 1.0:
             raise ConfigError(f"decline_below must be in [0, 1], got {self.decline_below}")
         """Raise ConfigError on values the service cannot use; return self."""
@@ -71,12 +77,15 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
 
-    def resolved_db_dir(self, home: Path) -> Path:
-        return self.db_dir or home / "db"
+    def resolved_db_dir(self, home: Path) -> StoreLocation:
+        return normalise(self.db_dir) if self.db_dir is not None else home / "db"
 
     def resolved_batches_dir(self, home: Path) -> Path:
         return self.batches_dir or home / "batches"
 
     def resolved_uploads_dir(self, home: Path) -> Path:
         db = self.resolved_db_dir(home)
-        return self.uploads_dir or db.parent / f"{db.name}-uploads"
+        if self.uploads_dir is not None:
+            return self.uploads_dir
+        # Uploaded files are read from a local disk, wherever the store lives.
+        return db.parent / f"{db.name}-uploads" if isinstance(db, Path) else home / "uploads"

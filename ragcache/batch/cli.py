@@ -40,7 +40,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("questions", type=Path, metavar="QUESTIONS.jsonl")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="ANSWERS.jsonl")
-    p.add_argument("--db", type=Path, default=None, help="LanceDB folder (default: HOME/db)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="LanceDB folder or object-store URI (s3://bucket/prefix, gs://, az://; default: HOME/db)",
+    )
     p.add_argument("--table", default="chunks")
     p.add_argument(
         "--doc",
@@ -73,6 +77,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="decode one token per step (default: greedy answers draft from their prompt)",
     )
+    p.add_argument(
+        "--chunk-reuse",
+        choices=("off", "epic"),
+        help="epic: copy the KV of chunks computed for earlier questions (their first tokens "
+        "recomputed), close to but not the same as exact; off: exact prefix reuse only",
+    )
     p.add_argument("--json-report", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_batch)
 
@@ -89,6 +99,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         max_tokens=args.max_tokens or settings.generation.max_tokens,
         temperature=settings.generation.temperature,
         speculation="off" if args.no_speculate else settings.generation.speculation,
+        chunk_reuse=args.chunk_reuse or settings.generation.chunk_reuse,
         progress=not args.no_progress,
     )
     options = BatchOptions(

@@ -15,6 +15,7 @@ from ragcache.batch.modes import Mode, RagMode
 from ragcache.batch.runners import Runner, SequentialRunner, WorkerRunner
 from ragcache.cache import CacheSettings
 from ragcache.settings import Settings
+from ragcache.store_location import StoreLocation
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class BatchOptions:
     questions: Path
     answers: Path
     docs: tuple[Path, ...] = ()  # given: long-context mode; empty: RAG over the store
-    db_dir: Path | None = None
+    db_dir: StoreLocation | None = None  # a folder or an object-store URI
     table: str = "chunks"
     model: str | None = None
     k: int | None = None
