@@ -68,3 +68,8 @@ def test_main_job_runs_on_the_embedded_defaults() -> None:
         assert quote["number"] in result["citations"] and quote["quote"].strip()
     said = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
     assert len(said) == len(set(said)), text  # never a loop
+    # ... and the right one: the labelled gold answer (faq-design-001), cited to its FAQ entry.
+    gold = "Guido van Rossum believes that using indentation for grouping is extremely elegant"
+    assert gold in " ".join(text.split()), text
+    by_number = {s["number"]: s["doc_id"] for s in result["sources"]}
+    assert all(by_number[n].endswith("faq/design/q001.rst") for n in result["citations"]), text
