@@ -29,6 +29,10 @@ class StoreRefresher:
         self.interval_s = interval_s
         self.changes = 0  # commits seen from outside or inside
         self.kv_nodes_dropped = 0
+        # Token spans of retired chunks whose KV is not dropped yet: the watcher has moved past
+        # their commit, so a failed invalidation (worker busy or restarting) is retried from
+        # here on the next poll instead of being forgotten.
+        self.pending: list[list[int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,14 +50,20 @@ class StoreRefresher:
             self._thread.join(timeout=5)
 
     def poll_once(self) -> StoreChange | None:
+        """Look for a new commit and drop the KV it retired (and any a failed poll left).
+
+        Raises what `invalidate` raises; the spans stay pending for the next poll."""
         change = self.watcher.poll()
+        if change is not None:
+            self.changes += 1
+            self.pending.extend(change.removed_chunks.values())
+        dropped = 0
+        if self.pending:
+            dropped = self.invalidate(list(self.pending))
+            self.pending = []
+            self.kv_nodes_dropped += dropped
         if change is None:
             return None
-        self.changes += 1
-        dropped = (
-            self.invalidate(list(change.removed_chunks.values())) if change.removed_chunks else 0
-        )
-        self.kv_nodes_dropped += dropped
         log.info(
             "store moved from version %d to %d: %d chunks added, %d retired (%d KV nodes dropped)",
             change.old_version,

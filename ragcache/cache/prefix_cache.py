@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from ragcache import failpoints
 from ragcache.cache.chunk_kv import (
     CopiedKV,
     Piece,
@@ -473,6 +474,7 @@ class PrefixCache:
     # -- control ------------------------------------------------------------------------------
     def invalidate(self, token_spans: Sequence[Sequence[int]]) -> int:
         """Drop every node (both tiers) whose prefix contains one of `token_spans`; return how many."""
+        failpoints.hit("cache.invalidate")
         with self._lock:
             with self._removing():
                 dropped = self.tree.invalidate(token_spans)

@@ -148,3 +148,54 @@ def test_an_upload_while_another_process_ingests_is_503_with_retry_after(
         holder.kill()
         holder.wait()
     assert http.post("/v1/documents", json=doc).status_code == 201  # and it works once free
+
+
+def test_a_failed_invalidation_is_retried_on_the_next_poll(
+    tiny_llama: LoadedModel, tiny_store: Path, tmp_path: Path
+) -> None:
+    """The watcher moves past a commit before its retired chunks' KV is dropped: when dropping
+    fails (the worker busy or restarting), the spans stay pending and the next poll drops them,
+    so a changed document is never answered from its old KV."""
+    from ragcache import failpoints
+    from ragcache.cache import CacheSettings, PrefixCache
+    from ragcache.engine import Engine
+    from ragcache.sampling import SamplingParams
+    from ragcache.segments import SegmentedPrompt
+    from ragcache.store import open_store, tokenizer_identity
+    from ragcache.store_watch import StoreWatcher, chunk_tokens
+    from serve.refresh import StoreRefresher
+
+    db = tmp_path / "db"
+    shutil.copytree(tiny_store, db)
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "mango.md").write_text(MANGO_V1, encoding="utf-8")
+    ingest_in_another_process(db, tiny_llama.path, str(folder))
+    store = open_store(db)
+
+    def tokenize(text: str) -> list[int]:
+        return list(tiny_llama.tokenizer.encode(text, add_special_tokens=False))
+
+    tokenizer_id = tokenizer_identity(tiny_llama.path)
+    cache = PrefixCache(tiny_llama, CacheSettings(cache_bytes=1 << 26))
+    refresher = StoreRefresher(StoreWatcher(store, tokenize, tokenizer_id), cache.invalidate, 0)
+    rows = store.table.search().where("doc_id LIKE '%mango.md%'").limit(10).to_arrow().to_pylist()
+    chunk = chunk_tokens(rows[0], tokenize, tokenizer_id)
+    prompt = SegmentedPrompt([1, 2, 3, *chunk, 7, 8], [3, 3 + len(chunk), len(chunk) + 5])
+    engine = Engine(tiny_llama, cache=cache)
+    engine.generate(prompt, SamplingParams(max_tokens=1))
+    assert cache.tree.match(prompt.tokens).prefix_len >= 3 + len(chunk)
+
+    (folder / "mango.md").write_text(MANGO_V2, encoding="utf-8")
+    ingest_in_another_process(db, tiny_llama.path, str(folder))
+    failpoints.arm("cache.invalidate=1")
+    try:
+        with pytest.raises(failpoints.InjectedFault):
+            refresher.poll_once()
+    finally:
+        failpoints.arm("")
+    assert refresher.pending  # the commit is seen, its KV not yet dropped
+    assert refresher.poll_once() is None  # no new commit; the pending spans are dropped now
+    assert not refresher.pending and refresher.kv_nodes_dropped > 0
+    assert cache.tree.match(prompt.tokens).prefix_len < 3 + len(chunk)
+    engine.close()
