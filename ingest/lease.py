@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ragcache.store import StoreBusyError
+from ragcache.store import StoreBusyError, StoreError
 
 
 @dataclass(frozen=True)
@@ -64,40 +64,52 @@ def _try_create(db: Any, name: str, holder: str, ttl_s: float) -> bool:
         raise
 
 
+def _acquire(db: Any, name: str, holder: str, table: str, where: str, ttl_s: float) -> None:
+    """Create the lease table, or take over one whose holder let it expire."""
+    if _try_create(db, name, holder, ttl_s):
+        return
+    current = _read(db, name)
+    if current is not None and current["expires_at"] > time.time():
+        raise StoreBusyError(
+            f"another ingest job ({current['host']} pid {current['pid']}) is writing "
+            f"table {table!r} in {where}",
+            hint="retry when it has finished, or ingest into another --table",
+        )
+    # Expired (its holder died): look once more, then take it over.
+    time.sleep(0.05)
+    again = _read(db, name)
+    if again is not None and again != current:
+        raise StoreBusyError(
+            f"another ingest job took the lease on table {table!r} in {where}",
+            hint="retry when it has finished",
+        )
+    if again is not None:
+        db.drop_table(name)
+    if not _try_create(db, name, holder, ttl_s):
+        raise StoreBusyError(
+            f"another ingest job took the lease on table {table!r} in {where}",
+            hint="retry when it has finished",
+        )
+
+
 @contextmanager
 def table_lease(
     db: Any, table: str, where: str, settings: LeaseSettings | None = None
 ) -> Iterator[None]:
     """Hold the write lease on `table` for the duration of the block.
 
-    Raises StoreBusyError when another job holds an unexpired lease.
+    Raises StoreBusyError when another job holds an unexpired lease, StoreError when the
+    store cannot be reached (no bucket, no credentials).
     """
     s = settings or LeaseSettings()
     name = f"_{table}_lease"
     holder = uuid.uuid4().hex
-    if not _try_create(db, name, holder, s.ttl_s):
-        current = _read(db, name)
-        if current is not None and current["expires_at"] > time.time():
-            raise StoreBusyError(
-                f"another ingest job ({current['host']} pid {current['pid']}) is writing "
-                f"table {table!r} in {where}",
-                hint="retry when it has finished, or ingest into another --table",
-            )
-        # Expired (its holder died): look once more, then take it over.
-        time.sleep(0.05)
-        again = _read(db, name)
-        if again is not None and again != current:
-            raise StoreBusyError(
-                f"another ingest job took the lease on table {table!r} in {where}",
-                hint="retry when it has finished",
-            )
-        if again is not None:
-            db.drop_table(name)
-        if not _try_create(db, name, holder, s.ttl_s):
-            raise StoreBusyError(
-                f"another ingest job took the lease on table {table!r} in {where}",
-                hint="retry when it has finished",
-            )
+    try:
+        _acquire(db, name, holder, table, where, s.ttl_s)
+    except StoreBusyError:
+        raise
+    except Exception as exc:  # no bucket, no credentials, no network: say where
+        raise StoreError(f"cannot open the store at {where}: {exc}") from exc
     stop = threading.Event()
 
     def renew() -> None:

@@ -43,6 +43,7 @@ from ragcache.store import (
     StoreBusyError,
     StoreError,
     StoreSettings,
+    connect,
     open_store,
 )
 from ragcache.store import tokenizer_identity as folder_tokenizer_identity
@@ -313,19 +314,8 @@ def _job_lock(db: StoreLocation, table: str) -> Iterator[None]:
     """One writer per table. A local folder: flock, released by the kernel when the holder dies,
     even by SIGKILL. An object store: a lease table (`ingest.lease`), taken over once expired."""
     if not isinstance(db, Path):
-        import lancedb
-
-        try:
-            lease = table_lease(lancedb.connect(str(db)), table, str(db))
-            lease.__enter__()
-        except StoreBusyError:
-            raise
-        except Exception as exc:  # no bucket, no credentials, no network: say where
-            raise StoreError(f"cannot open the store at {db}: {exc}") from exc
-        try:
+        with table_lease(connect(db), table, str(db)):
             yield
-        finally:
-            lease.__exit__(None, None, None)
         return
     path = db / f".{table}.lock"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)

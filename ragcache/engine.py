@@ -202,7 +202,6 @@ class Engine:
             {p for p in (session.capture_positions if session else []) if start < p < n}
             | {p for p in copy_at if start < p < n}
         )
-        ropes = getattr(self.cache, "ropes", None) or []
         position = start
         step = max(1, self.settings.prefill_step_size)
         yield position
@@ -210,7 +209,7 @@ class Engine:
             stops = [p for p in stops if p > position]
             if position in copy_at:
                 copied = copy_at.pop(position)
-                copied.append_to(prompt_cache, ropes)
+                copied.append_to(prompt_cache)
                 mx.eval([c.state for c in prompt_cache])
                 position = copied.end
                 yield position

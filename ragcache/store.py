@@ -422,6 +422,17 @@ def fuse_convex(rankings: Sequence[tuple[Sequence[SearchHit], float]], k: int) -
     return [_with_score(hits[c], scores[c]) for c in order]
 
 
+def connect(db: StoreLocation) -> Any:
+    """A LanceDB connection to a folder or an object-store URI. Raises StoreError when the
+    store cannot be reached (an object store's bucket missing, no credentials)."""
+    import lancedb
+
+    try:
+        return lancedb.connect(str(db))
+    except Exception as exc:  # lancedb raises bare ValueError/OSError for these
+        raise StoreError(f"cannot open the store at {db}: {exc}") from exc
+
+
 def open_store(
     db_dir: StoreLocation,
     settings: StoreSettings = StoreSettings(),

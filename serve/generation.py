@@ -54,7 +54,7 @@ class SamplingRequest:
             body.stop,
             stop_loops=stop_loops,
             speculation=body.speculation,
-            chunk_reuse=getattr(body, "chunk_reuse", None),
+            chunk_reuse=body.chunk_reuse,
         )
 
 

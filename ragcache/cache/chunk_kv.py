@@ -44,17 +44,20 @@ def chunk_key(body: Sequence[int]) -> list[int]:
 @dataclass(frozen=True)
 class CopiedKV:
     """K/V of prompt positions [start, end) taken from a chunk entry: body tokens from
-    `offset` on, one (keys, values) per layer, keys at their canonical positions."""
+    `offset` on, one (keys, values) per layer, keys at their canonical positions, and each
+    layer's rotary module to move them with."""
 
     start: int
     end: int
     offset: int
     layers: Sequence[tuple[mx.array, mx.array]]
+    ropes: Sequence[Any]
 
-    def append_to(self, prompt_cache: Sequence[Any], ropes: Sequence[Any]) -> None:
+    def append_to(self, prompt_cache: Sequence[Any]) -> None:
         """Append the K/V to every layer's live cache (which must end at `start`)."""
         delta = self.start - (1 + self.offset)  # canonical position of body token j is 1 + j
-        for cache, (keys, values), rope in zip(prompt_cache, self.layers, ropes, strict=True):
+        pairs = zip(prompt_cache, self.layers, self.ropes, strict=True)
+        for cache, (keys, values), rope in pairs:
             cache.update_and_fetch(rerotate(keys, rope, delta), values)
 
 

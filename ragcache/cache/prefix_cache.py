@@ -325,7 +325,8 @@ class PrefixCache:
                 self.settings.chunk_recompute_tokens,
                 self.settings.chunk_min_tokens,
             )
-            copies = [_copied(p, entries) for p in pieces if p.copied]
+            assert self.ropes is not None  # else chunk_unsupported says why
+            copies = [_copied(p, entries, self.ropes) for p in pieces if p.copied]
             self.chunk_lookups += 1
             if copies:
                 copied = sum(c.end - c.start for c in copies)
@@ -572,11 +573,13 @@ class PrefixCache:
             )
 
 
-def _copied(piece: Piece, entries: dict[int, list[tuple[mx.array, mx.array]]]) -> CopiedKV:
+def _copied(
+    piece: Piece, entries: dict[int, list[tuple[mx.array, mx.array]]], ropes: Sequence[Any]
+) -> CopiedKV:
     assert piece.chunk is not None
     a, b = piece.offset, piece.offset + piece.end - piece.start
     layers = [(k[..., a:b, :], v[..., a:b, :]) for k, v in entries[piece.chunk]]
-    return CopiedKV(piece.start, piece.end, piece.offset, layers)
+    return CopiedKV(piece.start, piece.end, piece.offset, layers, ropes)
 
 
 __all__ = ["PrefixCache", "path_key"]
