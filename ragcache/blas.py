@@ -14,11 +14,13 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragcache.settings import BlasSettings, read_blas_settings
+from ragcache import skinny_gemm
+from ragcache.settings import BlasSettings, default_home, read_blas_settings
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,13 @@ class BlasStatus:
     core_type_source: str  # "environment", "cpu flags", "autodetect", ""
     optimized: bool
     reason: str  # one line a person can act on
+    # Decode's one-row matmuls through ragcache.skinny_gemm: whether, and why (not).
+    skinny_gemm: bool = False
+    skinny_gemm_reason: str = ""
 
 
 _status: BlasStatus | None = None
+_kernel: skinny_gemm.SkinnyGemm | None = None
 
 
 def _arch_triplet() -> str:
@@ -141,6 +147,8 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
             source = "cpu flags"
         else:
             source = "autodetect"
+    # The one-row kernel goes first into the global scope, so libmlx's cblas_sgemm binds to it.
+    kernel, skinny_reason = _preload_skinny(settings)
     try:
         lib = ctypes.CDLL(str(candidates[0]), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
@@ -148,6 +156,13 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
             "reference", "", "", "", False, f"could not load {candidates[0]}: {exc}"
         )
         return _status
+    skinny_on = False
+    if kernel is not None:
+        done = skinny_gemm.activate(kernel, str(candidates[0]), _blas_threads(lib))
+        skinny_on, skinny_reason = done.active, done.reason
+        if skinny_on:
+            global _kernel
+            _kernel = kernel
     _status = BlasStatus(
         "openblas",
         str(candidates[0]),
@@ -155,8 +170,36 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
         source,
         True,
         "OpenBLAS loaded under MLX",
+        skinny_on,
+        skinny_reason,
     )
     return _status
+
+
+def _preload_skinny(settings: BlasSettings) -> tuple[skinny_gemm.SkinnyGemm | None, str]:
+    if not settings.skinny_gemm:
+        return None, "RAGCACHE_SKINNY_GEMM=0"
+    if platform.machine() != "x86_64" or not skinny_gemm.cpu_supports_kernel(cpu_flags()):
+        return None, "the kernel needs an x86-64 CPU with AVX2 and FMA"
+    try:
+        return skinny_gemm.preload(default_home()), ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, str(exc)
+
+
+def _blas_threads(lib: ctypes.CDLL) -> int:
+    """As many threads as OpenBLAS uses (OPENBLAS_NUM_THREADS), at most 2: one-row products
+    are bound by memory bandwidth, which two cores already saturate here."""
+    try:
+        n = int(lib.openblas_get_num_threads())
+    except (AttributeError, ValueError):
+        n = os.cpu_count() or 1
+    return max(1, min(2, n))
+
+
+def skinny_kernel() -> skinny_gemm.SkinnyGemm | None:
+    """The active one-row kernel (its counters, its switch), or None when it is off."""
+    return _kernel
 
 
 def blas_status() -> BlasStatus:

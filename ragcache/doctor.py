@@ -116,6 +116,7 @@ def format_report(report: DoctorReport) -> str:
         f"mlx           {report.mlx} (mlx-lm {report.mlx_lm}), device {report.mlx_device}",
         f"blas          {b['name']} {b['library'] or ''} core={b['core_type'] or '-'} "
         f"({b['core_type_source'] or '-'}): {b['reason']}",
+        f"decode gemm   {'on' if b['skinny_gemm'] else 'off'}: {b['skinny_gemm_reason'] or '-'}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "
         f"({'ready' if report.model_prepared else 'not prepared'})",
