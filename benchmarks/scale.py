@@ -18,7 +18,11 @@ less loaded of two random replicas) and `random`.
 `simulated_affinity_vs_random_hit`: 2 replicas, affinity over power-of-two. These are the
 simulation's; the same figures on real Ray Serve replicas are not measured yet.
 
-    .venv/bin/python benchmarks/scale.py [--requests 6000]
+Then the store side (benchmarks/scale_ingest.py): `ray_ingest_vs_local` and `ray_table_equal`
+(the Ray Data engine against the local pipeline on the same corpus), `s3_ingest_ok` and
+`s3_search_p50_ms` (a store on moto's S3 server on 127.0.0.1).
+
+    .venv/bin/python benchmarks/scale.py [--requests 6000] [--no-store]
 """
 
 from __future__ import annotations
@@ -151,6 +155,13 @@ def main() -> None:
     ap.add_argument("--topics", type=int, default=400)
     ap.add_argument("--budget-tokens", type=int, default=60_000, help="KV per replica, tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["datasets/python_docs/faq", "datasets/python_docs/tutorial"],
+        help="what the store measurements ingest",
+    )
+    ap.add_argument("--no-store", action="store_true", help="the routing simulation only")
     args = ap.parse_args()
     started = time.perf_counter()
     stream = make_stream(args.requests, args.topics, args.seed)
@@ -187,8 +198,21 @@ def main() -> None:
         "affinity_vs_random_hit": None,
         "not_measured": "real Ray Serve replicas (`ragcache serve --replicas N`) are not built "
         "yet: these figures come from the simulation only",
-        "elapsed_s": round(time.perf_counter() - started, 1),
     }
+    if not args.no_store:
+        from benchmarks.scale_ingest import ray_vs_local, s3_store
+        from ragcache.datasets import load_dataset
+
+        result["ray_ingest"] = ray_vs_local(args.corpus)
+        print(result["ray_ingest"], flush=True)
+        questions = [q.question for q in load_dataset("python_docs").questions[:21]]
+        result["s3"] = s3_store(args.corpus, questions)
+        print(result["s3"], flush=True)
+        for key in ("ray_ingest_vs_local", "ray_table_equal"):
+            result[key] = result["ray_ingest"][key]
+        for key in ("s3_ingest_ok", "s3_search_p50_ms"):
+            result[key] = result["s3"][key]
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
     path = write_results("scale", result)
     plot(result, path.with_suffix(".png"))
     print({k: v for k, v in result.items() if k != "simulation"})

@@ -73,6 +73,18 @@ def register(subparsers: Any) -> None:
         "--generator", help="model whose tokenizer counts tokens (default: RAGCACHE_MODEL)"
     )
     p.add_argument("--embedder", default="", help="sentence-transformers folder (default: bundled)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: load/chunk as Ray Data tasks, embed in an actor pool "
+        "(needs ragcache[ray]); planning and commits stay here (default: local)",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster for --engine ray (host:6379, ray://host:10001, auto; "
+        "default: a local cluster on this machine)",
+    )
     p.set_defaults(func=run_ingest)
 
 
@@ -88,7 +100,11 @@ def run_ingest(args: argparse.Namespace, settings: Settings) -> int:
         sync=args.sync,
         excludes=(*DEFAULT_EXCLUDES, *args.exclude),
         generator=args.generator or settings.model.name,
+        engine=args.engine,
+        ray_address=args.address,
     )
+    if args.address and args.engine != "ray":
+        raise ConfigError("--address is for --engine ray", hint="add --engine ray")
     progress = not args.no_progress and sys.stderr.isatty()  # the bar is on stderr, JSON on stdout
     report = run_job(spec, settings.home, ingest_settings, progress=progress)
     if args.json:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ingest.chunker import Tokens
 from ingest.documents import Skipped
 from ingest.formats import FileRef, content_fingerprint, is_multi_document
@@ -51,6 +53,8 @@ from ragcache.store_location import StoreLocation, normalise
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -62,6 +66,10 @@ class JobSpec:
     sync: bool = False
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     generator: str = "smollm2-135m-instruct"  # whose tokenizer counts and stores chunk tokens
+    # "local": a producer thread and this process's embedder; "ray": Ray Data tasks load and
+    # chunk, an actor pool embeds (ingest.ray_engine). Planning and commits stay here either way.
+    engine: str = "local"
+    ray_address: str | None = None  # None: a local Ray cluster on this machine
 
 
 def run_job(
@@ -83,11 +91,17 @@ def run_job(
     """
     start = time.perf_counter()
     settings = settings or IngestSettings()
+    if spec.engine not in ENGINES:
+        raise ValueError(f"unknown ingest engine {spec.engine!r}: use one of {', '.join(ENGINES)}")
     report = JobReport(db=str(spec.db_dir), table=spec.table)
     scan = scan_paths(spec.paths, spec.excludes)
     require_found(scan)  # first: a mistyped PATH must not leave an empty table behind
     report.skipped.extend(scan.skipped)
     report.ignored.extend(scan.ignored)
+    if spec.engine == "ray" and spec.ray_address:
+        from ingest.ray_engine import require_reachable
+
+        require_reachable(spec.ray_address)  # before the store exists: a typo writes nothing
     embedder = embedder or SentenceTransformerEmbedder(settings.embedder)
     # The identity comes from the tokenizer files; the tokenizer itself loads only if needed.
     folder = None if tokens is not None else tokenizer_folder(spec.generator, home)
@@ -122,7 +136,14 @@ def run_job(
         def get_tokens() -> Tokens:  # called by the producer on its first document to chunk
             return tokens if tokens is not None else load_tokens(folder)  # type: ignore[arg-type]
 
-        producer = DocumentProducer(todo, states, pipeline_id, settings, get_tokens)
+        make_producer: Callable[..., Any] = DocumentProducer
+        if spec.engine == "ray":
+            from ingest.ray_engine import ray_source_factory
+
+            source = tokens if tokens is not None else folder
+            assert source is not None
+            make_producer = ray_source_factory(source, settings.embedder, spec.ray_address)
+        producer = make_producer(todo, states, pipeline_id, settings, get_tokens)
         _consume(
             producer, store, embedder, tok_id, journal, settings, report, seen, protected, states,
             progress,
@@ -187,7 +208,7 @@ def _plan(
 
 
 def _consume(
-    producer: DocumentProducer,
+    producer: Any,  # DocumentProducer, or ingest.ray_engine.RayDocumentSource
     store: ChunkStore,
     embedder: Embedder,
     tokenizer_id: str,
@@ -211,7 +232,10 @@ def _consume(
             return
         texts = [c.text for w in batch for c in w.chunks]
         t0 = time.perf_counter()
-        vectors = embedder.embed(texts)
+        if all(w.vectors is not None for w in batch):  # embedded upstream (the Ray engine)
+            vectors = np.concatenate([w.vectors for w in batch if w.vectors is not None])
+        else:
+            vectors = embedder.embed(texts)
         report.embed_s += time.perf_counter() - t0
         rows = build_rows(
             [(w.doc, w.version, w.chunks, w.ids) for w in batch],

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from ingest.chunker import Chunk, Tokens, chunk_sections
 from ingest.documents import Document, GuessedEncoding, SkipFile, Skipped
 from ingest.formats import FileRef, content_fingerprint, load_documents
@@ -26,12 +28,56 @@ END = object()  # the last item a producer hands over
 
 @dataclass
 class DocWork:
-    """A document to (re)write: its version hash, chunks and chunk ids."""
+    """A document to (re)write: its version hash, chunks and chunk ids (and their vectors, where
+    an engine embedded them before they reached the committing thread)."""
 
     doc: Document
     version: str
     chunks: list[Chunk]
     ids: list[str]
+    vectors: np.ndarray | None = None
+
+
+def file_items(
+    ref: FileRef,
+    states: dict[str, DocState],
+    pipeline_id: str,
+    settings: IngestSettings,
+    get_tokens: Callable[[], Tokens],
+) -> Iterator[tuple[str, object]]:
+    """What one file gives the job: ("skip", (Skipped, source)), ("guess", GuessedEncoding),
+    ("same", doc_id) for a document stored at this version, ("doc", DocWork) to write.
+
+    A file that cannot be read or parsed is a skip with its reason, never an error: one odd file
+    must not stop the job. Shared by the local producer thread and the Ray engine's tasks.
+    """
+    try:
+        data = ref.path.read_bytes()
+        loaded = load_documents(ref, data, content_fingerprint(ref.path, data))
+    except SkipFile as exc:
+        yield ("skip", (Skipped(ref.source, exc.reason), ref.source))
+        return
+    except OSError as exc:
+        yield ("skip", (Skipped(ref.source, f"cannot read: {exc.strerror or exc}"), ref.source))
+        return
+    except Exception as exc:  # a parser bug on one odd file must not stop the job
+        log.debug("loader failed on %s", ref.path, exc_info=True)
+        reason = f"loader failed: {type(exc).__name__}: {exc}"
+        yield ("skip", (Skipped(ref.source, reason), ref.source))
+        return
+    if loaded.guessed_encoding is not None:
+        yield ("guess", GuessedEncoding(ref.source, loaded.guessed_encoding))
+    for skipped in loaded.skipped:
+        # A bad line may hold a record stored earlier: keep the file's records from --sync.
+        yield ("skip", (skipped, ref.source))
+    for doc in loaded.documents:
+        version = doc_version(pipeline_id, doc.fingerprint)
+        state = states.get(doc.doc_id)
+        if state and state.is_complete(version):
+            yield ("same", doc.doc_id)
+            continue
+        chunks = chunk_sections(doc.sections, get_tokens(), settings.chunk)
+        yield ("doc", DocWork(doc, version, chunks, chunk_ids(doc.doc_id, chunks)))
 
 
 class DocumentProducer(threading.Thread):
@@ -65,36 +111,13 @@ class DocumentProducer(threading.Thread):
             self._put(("error", exc))
 
     def _file(self, ref: FileRef) -> None:
-        try:
-            data = ref.path.read_bytes()
-            loaded = load_documents(ref, data, content_fingerprint(ref.path, data))
-        except SkipFile as exc:
-            self._put(("skip", (Skipped(ref.source, exc.reason), ref.source)))
-            return
-        except OSError as exc:
-            reason = f"cannot read: {exc.strerror or exc}"
-            self._put(("skip", (Skipped(ref.source, reason), ref.source)))
-            return
-        except Exception as exc:  # a parser bug on one odd file must not stop the job
-            log.debug("loader failed on %s", ref.path, exc_info=True)
-            reason = f"loader failed: {type(exc).__name__}: {exc}"
-            self._put(("skip", (Skipped(ref.source, reason), ref.source)))
-            return
-        if loaded.guessed_encoding is not None:
-            self._put(("guess", GuessedEncoding(ref.source, loaded.guessed_encoding)))
-        for skipped in loaded.skipped:
-            # A bad line may hold a record stored earlier: keep the file's records from --sync.
-            self._put(("skip", (skipped, ref.source)))
-        for doc in loaded.documents:
-            version = doc_version(self.pipeline_id, doc.fingerprint)
-            state = self.states.get(doc.doc_id)
-            if state and state.is_complete(version):
-                self._put(("same", doc.doc_id))
-                continue
-            if self._tokens is None:
-                self._tokens = self.get_tokens()
-            chunks = chunk_sections(doc.sections, self._tokens, self.settings.chunk)
-            self._put(("doc", DocWork(doc, version, chunks, chunk_ids(doc.doc_id, chunks))))
+        for item in file_items(ref, self.states, self.pipeline_id, self.settings, self._get_tokens):
+            self._put(item)
+
+    def _get_tokens(self) -> Tokens:
+        if self._tokens is None:
+            self._tokens = self.get_tokens()
+        return self._tokens
 
     def _put(self, item: object) -> None:
         while not self.stop.is_set():
