@@ -39,6 +39,11 @@ FILES_PER_TASK = 8  # files read and chunked per Ray task
 DOCS_PER_EMBED = 16  # documents whose chunks one actor embeds in one call
 
 
+ADDRESS_HINT = (
+    "start one with `ray start --head`, or check --address (host:6379, ray://host:10001, auto)"
+)
+
+
 class RayEngineError(RagcacheError):
     """Ray is missing, or the cluster cannot be reached or used."""
 
@@ -55,8 +60,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address:
-        require_reachable(address)
+    if address:  # run_job has checked it answers (require_reachable) before opening the store
         kwargs["address"] = address
     else:
         # A private local cluster: no token to share with anybody.
@@ -69,7 +73,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
         raise RayEngineError(
             f"cannot use the Ray cluster at {address or 'a new local cluster'}: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-            hint="start one with `ray start --head`, or check --address (host:6379, ray://host:10001, auto)",
+            hint=ADDRESS_HINT,
         ) from exc
     return ray
 
@@ -87,7 +91,7 @@ def require_reachable(address: str, timeout_s: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         raise RayEngineError(
             f"cannot use the Ray cluster at {address}: nothing answers there ({exc})",
-            hint="start one with `ray start --head`, or check --address (host:6379, ray://host:10001, auto)",
+            hint=ADDRESS_HINT,
         ) from exc
 
 
