@@ -15,14 +15,17 @@ and load imbalance (busiest replica's requests / the mean). Policies: `affinity`
 less loaded of two random replicas) and `random`.
 
 `simulated_replica_hit_ratio`: 2 replicas with affinity over 1 replica (same total stream);
-`simulated_affinity_vs_random_hit`: 2 replicas, affinity over power-of-two. These are the
-simulation's; the same figures on real Ray Serve replicas are not measured yet.
+`simulated_affinity_vs_random_hit`: 2 replicas, affinity over power-of-two.
+
+Then real Ray Serve replicas (benchmarks/scale_replicas.py: `ragcache serve --replicas`'s code,
+SmolLM2, the Python FAQ, a Zipf stream through the HTTP front): `replica_hit_ratio` (2 replicas
+with affinity over 1) and `affinity_vs_random_hit` (affinity over Ray Serve's power-of-two).
 
 Then the store side (benchmarks/scale_ingest.py): `ray_ingest_vs_local` and `ray_table_equal`
 (the Ray Data engine against the local pipeline on the same corpus), `s3_ingest_ok` and
 `s3_search_p50_ms` (a store on moto's S3 server on 127.0.0.1).
 
-    .venv/bin/python benchmarks/scale.py [--requests 6000] [--no-store]
+    .venv/bin/python benchmarks/scale.py [--requests 6000] [--no-store] [--no-replicas]
 """
 
 from __future__ import annotations
@@ -78,7 +81,10 @@ def make_stream(n: int, topics: int, seed: int) -> list[dict]:
         stream.append({"conversation": cid, "prefix": [], "chunks": chunks, "question": f"q{i}"})
     for r in stream:
         keys = ["system", *r["prefix"], *r["chunks"], r["question"]]
-        r["segments"] = [Segment(k, 60 if k == "system" else chunk_tokens.get(k, 20)) for k in keys]
+        r["segments"] = [
+            Segment(k, 60 if k == "system" else chunk_tokens.get(k, 20), shared=k == "system")
+            for k in keys
+        ]
     return stream
 
 
@@ -130,13 +136,26 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    live = result.get("live_replicas")
+    fig, axes = plt.subplots(1, 3 if live else 2, figsize=(18 if live else 12, 4.5))
     sim = result["simulation"]
     xs = [int(n) for n in sim]
     for policy in POLICIES:
         axes[0].plot(xs, [sim[str(n)][policy]["hit_rate"] for n in xs], "o-", label=policy)
         axes[1].plot(xs, [sim[str(n)][policy]["imbalance"] for n in xs], "o-", label=policy)
-    for ax, title in zip(axes, ("token hit rate", "load imbalance (busiest / mean)"), strict=True):
+    if live:
+        names = [n for n in ("1-replica", "2-affinity", "2-power-of-two") if n in live]
+        axes[2].bar(names, [live[n]["hit_rate"] for n in names], color=["grey", "C0", "C1"])
+        for i, n in enumerate(names):
+            axes[2].text(
+                i, live[n]["hit_rate"], f"{live[n]['hit_rate']:.3f}", ha="center", va="bottom"
+            )
+        axes[2].set_title(
+            f"real Ray Serve replicas: token hit rate ({live['settings']['requests']} requests)"
+        )
+    for ax, title in zip(
+        axes[:2], ("token hit rate", "load imbalance (busiest / mean)"), strict=True
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("replicas")
         ax.set_title(title)
@@ -161,7 +180,9 @@ def main() -> None:
         default=["datasets/python_docs/faq", "datasets/python_docs/tutorial"],
         help="what the store measurements ingest",
     )
-    ap.add_argument("--no-store", action="store_true", help="the routing simulation only")
+    ap.add_argument("--no-store", action="store_true", help="skip the store measurements")
+    ap.add_argument("--no-replicas", action="store_true", help="skip the live replicas")
+    ap.add_argument("--live-requests", type=int, default=40, help="the live replicas' stream")
     args = ap.parse_args()
     started = time.perf_counter()
     stream = make_stream(args.requests, args.topics, args.seed)
@@ -196,9 +217,13 @@ def main() -> None:
         ),
         "replica_hit_ratio": None,
         "affinity_vs_random_hit": None,
-        "not_measured": "real Ray Serve replicas (`ragcache serve --replicas N`) are not built "
-        "yet: these figures come from the simulation only",
     }
+    if not args.no_replicas:
+        from benchmarks.scale_replicas import live_replicas
+
+        result["live_replicas"] = live_replicas(requests=args.live_requests, seed=args.seed)
+        for key in ("replica_hit_ratio", "affinity_vs_random_hit"):
+            result[key] = result["live_replicas"][key]
     if not args.no_store:
         from benchmarks.scale_ingest import ray_vs_local, s3_store
         from ragcache.datasets import load_dataset

@@ -48,7 +48,7 @@ def _tables_equal(a: Path, b: Path) -> bool:
 
 
 def ray_vs_local(corpus: list[str]) -> dict[str, Any]:
-    from ingest.ray_engine import connect
+    from ragcache.ray_cluster import connect
 
     home = load_settings().home
     with tempfile.TemporaryDirectory() as tmp:

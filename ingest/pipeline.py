@@ -99,7 +99,7 @@ def run_job(
     report.skipped.extend(scan.skipped)
     report.ignored.extend(scan.ignored)
     if spec.engine == "ray" and spec.ray_address:
-        from ingest.ray_engine import require_reachable
+        from ragcache.ray_cluster import require_reachable
 
         require_reachable(spec.ray_address)  # before the store exists: a typo writes nothing
     embedder = embedder or SentenceTransformerEmbedder(settings.embedder)

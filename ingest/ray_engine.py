@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,67 +31,11 @@ from ingest.producer import END, DocWork, file_items
 from ingest.settings import IngestSettings
 from ingest.tokens import load_tokens
 from ragcache.embedder import EmbedderSettings, SentenceTransformerEmbedder
-from ragcache.errors import RagcacheError
+from ragcache.ray_cluster import connect
 from ragcache.store import DocState
 
 FILES_PER_TASK = 8  # files read and chunked per Ray task
 DOCS_PER_EMBED = 16  # documents whose chunks one actor embeds in one call
-
-
-ADDRESS_HINT = (
-    "start one with `ray start --head`, or check --address (host:6379, ray://host:10001, auto)"
-)
-
-
-class RayEngineError(RagcacheError):
-    """Ray is missing, or the cluster cannot be reached or used."""
-
-
-def connect(address: str | None, num_cpus: int | None = None) -> Any:
-    """`ray` initialised: the cluster at `address` ("auto", "ray://host:10001", "host:6379"), or a
-    local one on this machine. Raises RayEngineError with what to do."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise RayEngineError(
-            "the Ray engine needs Ray Data", hint='pip install "ragcache[ray]"'
-        ) from exc
-    if ray.is_initialized():
-        return ray
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address:  # run_job has checked it answers (require_reachable) before opening the store
-        kwargs["address"] = address
-    else:
-        # A private local cluster: no token to share with anybody.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if num_cpus:
-            kwargs["num_cpus"] = num_cpus
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError, by Ray version
-        raise RayEngineError(
-            f"cannot use the Ray cluster at {address or 'a new local cluster'}: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-            hint=ADDRESS_HINT,
-        ) from exc
-    return ray
-
-
-def require_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray retries an unreachable cluster for minutes: a host:port that refuses a TCP connection
-    within `timeout_s` is reported at once instead ("auto" is left to Ray)."""
-    target = address.removeprefix("ray://")
-    if target == "auto" or ":" not in target:
-        return
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return
-    except (OSError, ValueError) as exc:
-        raise RayEngineError(
-            f"cannot use the Ray cluster at {address}: nothing answers there ({exc})",
-            hint=ADDRESS_HINT,
-        ) from exc
 
 
 class RayDocumentSource:

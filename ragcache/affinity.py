@@ -20,6 +20,7 @@ first turn while that replica is there. Pure: no Ray, no model; property-tested 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +34,11 @@ class AffinitySettings:
     tokens_per_replica: int = 2_000_000
     balance_abs: int = 4  # in-flight requests the busiest may have beyond the idlest ...
     balance_rel: float = 1.5  # ... and this many times the idlest's, before balance wins
-    # A match under this share of the request's tokens is no affinity (every replica soon holds
-    # the system prompt): the least loaded replica gets it and so the work spreads.
+    # A match under this share of the request's own tokens (those of segments not marked shared:
+    # every replica soon holds the system prompt) is no affinity: the least loaded replica gets
+    # the request, and so the work spreads.
     min_match_rate: float = 0.2
+    max_conversations: int = 100_000  # sticky conversations remembered (least recent go first)
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,34 @@ class Segment:
 
     key: str  # e.g. "system:<hash>", "chunk:<chunk_id>", "turn:<conversation>:<n>"
     tokens: int
+    # Every replica soon holds it (the system prompt): matching it is no reason to prefer one.
+    shared: bool = False
 
 
 def key_id(key: str) -> int:
     """A stable 63-bit id for a segment key (the tree is keyed by ints)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def prompt_segments(
+    tokens: Sequence[int], boundaries: Sequence[int], kinds: Sequence[str] = ()
+) -> list[Segment]:
+    """A tokenized prompt as the router sees it: one Segment per prompt segment, keyed by its
+    token ids. Ragcache tokenizes each segment on its own (ragcache.segments), so a segment has
+    the same key wherever the same tokens stand, exactly when the KV cache could reuse it: a
+    chunk keyed with its numbered marker ("[2] ..."), as the cache sees it, the system prompt, a
+    conversation turn, with no text to compare. A segment of kind "system" is marked shared."""
+    out: list[Segment] = []
+    start = 0
+    for i, end in enumerate(boundaries):
+        ids = tokens[start:end]
+        digest = hashlib.blake2b(
+            b"".join(int(t).to_bytes(4, "little", signed=True) for t in ids), digest_size=12
+        )
+        shared = i < len(kinds) and kinds[i] == "system"
+        out.append(Segment(f"seg:{digest.hexdigest()}", len(ids), shared))
+        start = end
+    return out
 
 
 class _Lengths:
@@ -83,7 +109,8 @@ class AffinityRouter:
 
     def __post_init__(self) -> None:
         self._replicas: dict[str, _Replica] = {}
-        self._sticky: dict[str, str] = {}
+        # conversation -> replica, least recently used first (bounded: a front runs for months)
+        self._sticky: OrderedDict[str, str] = OrderedDict()
         for r in self.replicas:
             self.add_replica(r)
 
@@ -95,7 +122,7 @@ class AffinityRouter:
     def remove_replica(self, name: str) -> None:
         """A replica that died or was scaled away: forget it and the conversations it held."""
         self._replicas.pop(name, None)
-        self._sticky = {c: r for c, r in self._sticky.items() if r != name}
+        self._sticky = OrderedDict((c, r) for c, r in self._sticky.items() if r != name)
 
     @property
     def names(self) -> list[str]:
@@ -103,9 +130,11 @@ class AffinityRouter:
 
     def matched_tokens(self, name: str, segments: Sequence[Segment]) -> int:
         """Tokens of `segments`' prefix that replica `name`'s tree holds."""
+        return sum(s.tokens for s in self._matched(name, segments))
+
+    def _matched(self, name: str, segments: Sequence[Segment]) -> Sequence[Segment]:
         ids = [key_id(s.key) for s in segments]
-        n = self._replicas[name].tree.match(ids).prefix_len
-        return sum(s.tokens for s in segments[:n])
+        return segments[: self._replicas[name].tree.match(ids).prefix_len]
 
     def route(
         self,
@@ -113,11 +142,23 @@ class AffinityRouter:
         loads: Mapping[str, int] | None = None,
         conversation: str | None = None,
     ) -> Decision:
-        """The replica for a request, and remember that it went there.
+        """The replica for a request, and remember that it went there (`choose`, then `record`).
 
         `loads`: requests in flight per replica (missing: 0). Raises LookupError with no
         replicas.
         """
+        decision = self.choose(segments, loads, conversation)
+        self.record(decision.replica, segments, conversation)
+        return decision
+
+    def choose(
+        self,
+        segments: Sequence[Segment],
+        loads: Mapping[str, int] | None = None,
+        conversation: str | None = None,
+    ) -> Decision:
+        """The replica for a request, remembering nothing: a router whose choice may still be
+        refused (a full replica) records where the request really went with `record`."""
         if not self._replicas:
             raise LookupError("no replica to route to")
         loads = loads or {}
@@ -131,21 +172,33 @@ class AffinityRouter:
         )
         sticky = self._sticky.get(conversation) if conversation else None
         if sticky in self._replicas and not imbalanced:
-            decision = Decision(sticky, self.matched_tokens(sticky, segments), "sticky")
-        elif imbalanced:
-            decision = Decision(idlest, self.matched_tokens(idlest, segments), "balance")
-        else:
-            matched = {n: self.matched_tokens(n, segments) for n in names}
-            best = max(names, key=lambda n: (matched[n], -load[n], -self._replicas[n].routed))
-            total = sum(x.tokens for x in segments)
-            if matched[best] > 0 and matched[best] >= s.min_match_rate * total:
-                decision = Decision(best, matched[best], "affinity")
-            else:
-                decision = Decision(idlest, matched[idlest], "least-loaded")
-        self._remember(decision.replica, segments)
+            assert sticky is not None
+            return Decision(sticky, self.matched_tokens(sticky, segments), "sticky")
+        if imbalanced:
+            return Decision(idlest, self.matched_tokens(idlest, segments), "balance")
+        held = {n: self._matched(n, segments) for n in names}
+        matched = {n: sum(x.tokens for x in held[n]) for n in names}
+        # What only this replica's cache would save: the matched tokens of unshared segments.
+        gain = {n: sum(x.tokens for x in held[n] if not x.shared) for n in names}
+        best = max(names, key=lambda n: (gain[n], matched[n], -load[n], -self._replicas[n].routed))
+        own = sum(x.tokens for x in segments if not x.shared)
+        if gain[best] > 0 and gain[best] >= s.min_match_rate * own:
+            return Decision(best, matched[best], "affinity")
+        return Decision(idlest, matched[idlest], "least-loaded")
+
+    def record(
+        self, replica: str, segments: Sequence[Segment], conversation: str | None = None
+    ) -> None:
+        """Remember that the request went to `replica` (so its prefix is there now). A replica
+        the router does not know (removed meanwhile) is ignored."""
+        if replica not in self._replicas:
+            return
+        self._remember(replica, segments)
         if conversation:
-            self._sticky[conversation] = decision.replica
-        return decision
+            self._sticky[conversation] = replica
+            self._sticky.move_to_end(conversation)
+            while len(self._sticky) > self.settings.max_conversations:
+                self._sticky.popitem(last=False)
 
     def _remember(self, name: str, segments: Sequence[Segment]) -> None:
         replica = self._replicas[name]
@@ -157,4 +210,11 @@ class AffinityRouter:
             replica.tree.touch(replica.tree.match(ids).path)
 
 
-__all__ = ["AffinityRouter", "AffinitySettings", "Decision", "Segment", "key_id"]
+__all__ = [
+    "AffinityRouter",
+    "AffinitySettings",
+    "Decision",
+    "Segment",
+    "key_id",
+    "prompt_segments",
+]

@@ -81,13 +81,17 @@ def _quantization_of(config: dict) -> str:
     return f"{q.get('mode', 'affine')}{q.get('bits', '')}"
 
 
-def load_model(spec: str, home: Path, quant: str = "none") -> LoadedModel:
-    """Load model and tokenizer. Raises ModelNotFoundError with a hint when nothing loads."""
+def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -> LoadedModel:
+    """Load model and tokenizer. Raises ModelNotFoundError with a hint when nothing loads.
+
+    `lazy`: map the weights without reading them (MLX reads an array when it is first used): for
+    a process that needs the tokenizer, template and context length but runs no forward pass,
+    such as the HTTP front of Ray Serve replicas."""
     from mlx_lm import load
 
     target = resolve_model_path(spec, home, quant)
     try:
-        model, tokenizer, config = load(str(target), return_config=True)  # type: ignore[misc]
+        model, tokenizer, config = load(str(target), return_config=True, lazy=lazy)  # type: ignore[misc]
     except Exception as exc:  # mlx-lm raises many kinds here: say what was tried
         raise ModelNotFoundError(
             f"could not load model {spec!r} from {target}: {exc}",

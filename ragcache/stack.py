@@ -33,6 +33,9 @@ class StackOptions:
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     answer: AnswerSettings = field(default_factory=AnswerSettings)
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
+    # Map the model's weights without reading them: a front whose replicas run the model
+    # (serve.replicas) needs only its tokenizer, template and context length.
+    lazy_model: bool = False
 
 
 @dataclass
@@ -68,7 +71,12 @@ def build_stack(settings: Settings, options: StackOptions | None = None) -> Stac
     store = open_store(options.db_dir or settings.home / "db", StoreSettings(table=options.table))
     embedder = SentenceTransformerEmbedder(options.embedder)
     retriever = Retriever(store, embedder, options.retrieval)
-    loaded = load_model(options.model or settings.model.name, settings.home, settings.model.quant)
+    loaded = load_model(
+        options.model or settings.model.name,
+        settings.home,
+        settings.model.quant,
+        lazy=options.lazy_model,
+    )
     cache = build_cache(loaded, settings, options)
     engine = Engine(loaded, settings.generation, cache)
     answerer = Answerer(engine, retriever, options.answer)

@@ -10,7 +10,7 @@ from typing import Any
 from ragcache.answer_policy import ANSWER_MODES
 from ragcache.errors import ConfigError
 from ragcache.settings import Settings
-from serve.settings import ServeSettings
+from serve.settings import ROUTINGS, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,26 @@ def register(subparsers: Any) -> None:
         help="seconds between checks for commits other processes (ingest jobs) made to the "
         "store; 0: never",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the model as N Ray Serve replicas behind this server, each with its own KV "
+        "cache and disk tier, requests routed by prompt-prefix affinity (needs ragcache[ray])",
+    )
+    p.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default=d.routing,
+        help="how --replicas picks a replica: affinity (the replica most likely holding the "
+        "prompt's prefix, balanced by load) or power-of-two (Ray Serve's default)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster for --replicas (auto or host:6379, run on a node of it; default: a local one)",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -120,6 +140,9 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         chunk_reuse=args.chunk_reuse,
         answer_mode=args.mode,
         decline_below=args.decline_below,
+        replicas=args.replicas,
+        routing=args.routing,
+        ray_address=args.address,
     ).validate()
 
 
@@ -142,6 +165,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=int(serve.shutdown_timeout_s),
         lifespan="on",
     )
-    print(f"ragcache: serving {services.model_id} on http://{serve.host}:{serve.port}", flush=True)
+    on = f" on {serve.replicas} replicas ({serve.routing} routing)" if serve.replicas else ""
+    print(
+        f"ragcache: serving {services.model_id}{on} on http://{serve.host}:{serve.port}",
+        flush=True,
+    )
     uvicorn.Server(config).run()
     return 0

@@ -102,15 +102,22 @@ def refuse_if_busy(services: Services) -> None:
         raise QueueFullError(worker.in_flight, max(1.0, per_slot * worker.in_flight))
 
 
-def submit(services: Services, prompt: SegmentedPrompt, params: SamplingParams) -> Ticket:
-    """Queue a generation. Raises PromptTooLongError (413), QueueFullError (429)."""
+def submit(
+    services: Services,
+    prompt: SegmentedPrompt,
+    params: SamplingParams,
+    conversation: str | None = None,
+) -> Ticket:
+    """Queue a generation. Raises PromptTooLongError (413), QueueFullError (429).
+
+    `conversation`: the conversation this turn belongs to, so replicas keep it on one."""
     n = len(prompt.tokens)
     if n > services.max_prompt_tokens:
         raise PromptTooLongError(
             f"the prompt has {n} tokens but this server accepts at most {services.max_prompt_tokens}",
             hint="shorten the prompt or retrieve fewer chunks",
         )
-    return services.worker.submit(prompt, params)
+    return services.worker.submit(prompt, params, conversation)
 
 
 @dataclass

@@ -18,13 +18,14 @@ import anyio
 from litestar.di import NamedDependency
 
 from ragcache.answer import AnswerSettings
-from ragcache.cache import CacheSettings
+from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.embedder import SentenceTransformerEmbedder
+from ragcache.model_loader import LoadedModel
 from ragcache.retrieve import RetrievalSettings
-from ragcache.runtime import ModelWorker, WorkerSettings
+from ragcache.runtime import GenerationWorker, ModelWorker, WorkerSettings
 from ragcache.settings import Settings
 from ragcache.stack import Stack, StackOptions, build_stack
-from ragcache.store import StoreSettings, open_store
+from ragcache.store import ChunkStore, StoreSettings, open_store, tokenizer_identity
 from ragcache.store_location import StoreLocation
 from ragcache.store_watch import StoreWatcher
 from serve.batches import BatchManager
@@ -32,6 +33,7 @@ from serve.conversations import Conversations
 from serve.errors import ServiceNotReadyError
 from serve.metrics import Metrics
 from serve.refresh import StoreRefresher
+from serve.replicas import ReplicaDeployment, deploy_replicas, replica_pool
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,14 @@ class Services:
     """The loaded parts. The worker owns MLX and the cache; everything else is shared read-only."""
 
     stack: Stack
-    worker: ModelWorker
+    worker: GenerationWorker  # a ModelWorker, or the pool over Ray Serve replicas
     model_id: str
     db_dir: str  # the store's folder or URI as text (request handlers' DI types must be plain)
     uploads_dir: Path
     max_prompt_tokens: int
     default_max_tokens: int
     refresher: StoreRefresher | None = None
+    replicas: ReplicaDeployment | None = None  # serve --replicas N: taken down on close
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -65,6 +68,8 @@ class Services:
             self.refresher.stop()
         self.worker.stop(timeout_s)
         self.stack.close()
+        if self.replicas is not None:
+            self.replicas.close()
 
 
 def _answer_settings(settings: ServeSettings) -> AnswerSettings:
@@ -76,10 +81,13 @@ def _answer_settings(settings: ServeSettings) -> AnswerSettings:
 
 
 def build_services(settings: ServeSettings, core: Settings) -> Services:
-    """Load the model and open (or create) the store, then start the worker.
+    """Load the model and open (or create) the store, then start the worker (or, with
+    `settings.replicas`, the model replicas on Ray Serve and the pool that routes to them).
 
-    Raises the stack's errors: ModelNotFoundError, StoreError, ConfigError.
+    Raises the stack's errors: ModelNotFoundError, StoreError, ConfigError, RayClusterError.
     """
+    if settings.replicas is not None:
+        return build_front_services(settings, core)
     db_dir = settings.resolved_db_dir(core.home)
     _ensure_table(db_dir, settings.table)
     cache_settings = CacheSettings()
@@ -103,7 +111,20 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         stack.engine, WorkerSettings(max_queue=settings.max_queue, max_batch=settings.max_batch)
     )
     worker.start()
-    refresher = _store_refresher(stack, worker, settings.store_refresh_s)
+    refresher = store_refresher(
+        stack.store, stack.loaded, stack.cache, worker, settings.store_refresh_s
+    )
+    return _services(settings, core, stack, worker, refresher)
+
+
+def _services(
+    settings: ServeSettings,
+    core: Settings,
+    stack: Stack,
+    worker: GenerationWorker,
+    refresher: StoreRefresher,
+    replicas: ReplicaDeployment | None = None,
+) -> Services:
     context = stack.loaded.context_length
     uploads = settings.resolved_uploads_dir(core.home)
     uploads.mkdir(parents=True, exist_ok=True)
@@ -111,18 +132,59 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         stack=stack,
         worker=worker,
         model_id=stack.loaded.name,
-        db_dir=str(db_dir),
+        db_dir=str(settings.resolved_db_dir(core.home)),
         uploads_dir=uploads,
         max_prompt_tokens=min(settings.max_prompt_tokens or context, context),
         default_max_tokens=min(
             settings.default_max_tokens or core.generation.max_tokens, settings.max_tokens
         ),
         refresher=refresher,
+        replicas=replicas,
     )
 
 
-def _store_refresher(stack: Stack, worker: ModelWorker, interval_s: float) -> StoreRefresher:
-    tokenizer, cache = stack.loaded.tokenizer, stack.cache
+def build_front_services(settings: ServeSettings, core: Settings) -> Services:
+    """The HTTP front of `serve --replicas N`: retrieval, ordering and prompts here (the model's
+    weights only mapped, for its tokenizer and template), generation on the replicas."""
+    from ragcache.ray_cluster import require_reachable
+
+    if settings.ray_address:  # before the store exists or a model loads: a typo costs nothing
+        require_reachable(settings.ray_address)
+    db_dir = settings.resolved_db_dir(core.home)
+    _ensure_table(db_dir, settings.table)
+    options = StackOptions(
+        db_dir=db_dir,
+        table=settings.table,
+        model=settings.model,
+        cache=False,  # the replicas hold the caches
+        retrieval=RetrievalSettings(max_k=settings.max_k),
+        answer=_answer_settings(settings),
+        lazy_model=True,
+    )
+    stack = build_stack(core, options)
+    stack.retriever.embedder.embed_query("ready")
+    deployed = deploy_replicas(settings, core)
+    try:
+        pool = replica_pool(deployed, settings, stack.engine.check_fits)
+        # The front's own store view must follow other processes' commits (no KV to retire).
+        refresher = store_refresher(stack.store, stack.loaded, None, pool, settings.store_refresh_s)
+    except BaseException:
+        deployed.close()  # nothing left running on the cluster for a front that never served
+        stack.close()
+        raise
+    return _services(settings, core, stack, pool, refresher, deployed)
+
+
+def store_refresher(
+    store: ChunkStore,
+    loaded: LoadedModel,
+    cache: PrefixCache | None,
+    worker: GenerationWorker,
+    interval_s: float,
+) -> StoreRefresher:
+    """A started refresher that retires the KV of chunks other processes replaced in `store`
+    (the single server's, and each replica's for its own cache)."""
+    tokenizer = loaded.tokenizer
 
     def tokenize(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
@@ -130,7 +192,8 @@ def _store_refresher(stack: Stack, worker: ModelWorker, interval_s: float) -> St
     def invalidate(spans: list[list[int]]) -> int:
         return worker.call(lambda: cache.invalidate(spans)) if cache is not None else 0
 
-    watcher = StoreWatcher(stack.store, tokenize, stack.answerer.tokenizer_id)
+    own_id = tokenizer_identity(loaded.path) if loaded.path else ""
+    watcher = StoreWatcher(store, tokenize, own_id)
     refresher = StoreRefresher(watcher, invalidate, interval_s)
     refresher.start()
     return refresher

@@ -9,6 +9,7 @@ from ragcache.errors import ConfigError
 from ragcache.store_location import StoreLocation, normalise
 
 MIB = 1 << 20
+ROUTINGS = ("affinity", "power-of-two")  # how --replicas picks a replica (serve.replicas)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,15 @@ class ServeSettings:
     # "off" (exact prefix reuse only) or "epic" (ragcache.cache.chunk_kv: copies chunk K/V,
     # close to but not the same as exact); a request's `chunk_reuse` field overrides it.
     chunk_reuse: str = "off"
+    # Past one process (serve.replicas): run the model as this many Ray Serve replicas behind
+    # this server (None: in this process). Each has its own KV cache and disk tier.
+    replicas: int | None = None
+    routing: str = "affinity"  # "affinity" (by prompt segments) or "power-of-two" (Serve's)
+    ray_address: str | None = None  # a Ray cluster ("auto", "host:6379"); None: a local one
+    replica_cpus: float = 1.0  # CPUs Ray reserves per replica
 
     def validate(self) -> ServeSettings:
+        """Raise ConfigError on values the service cannot use; return self."""
         from ragcache.answer_policy import ANSWER_MODES
 
         if self.answer_mode is not None and self.answer_mode not in ANSWER_MODES:
@@ -62,7 +70,21 @@ class ServeSettings:
             raise ConfigError(f"unknown chunk reuse mode {self.chunk_reuse!r}", hint="off or epic")
         if self.decline_below is not None and not 0.0 <= self.decline_below <= 1.0:
             raise ConfigError(f"decline_below must be in [0, 1], got {self.decline_below}")
-        """Raise ConfigError on values the service cannot use; return self."""
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(
+                f"the replica count must be >= 1, got {self.replicas}",
+                hint="--replicas 2 runs two model replicas; leave it out to serve in-process",
+            )
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"unknown routing {self.routing!r}", hint=" or ".join(ROUTINGS))
+        if self.replicas is not None and (self.ray_address or "").startswith("ray://"):
+            # Ray Client cannot hold the streaming handle the front relays answers through.
+            raise ConfigError(
+                "--replicas cannot use a Ray Client address (ray://)",
+                hint="run the server on a node of the cluster with --address auto or host:6379",
+            )
+        if self.replica_cpus <= 0:
+            raise ConfigError(f"replica_cpus must be > 0, got {self.replica_cpus}")
         if self.store_refresh_s < 0:
             raise ConfigError(f"store_refresh_s must be >= 0, got {self.store_refresh_s}")
         if not 0 < self.port < 65536:

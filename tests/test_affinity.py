@@ -81,3 +81,25 @@ def test_every_decision_is_a_live_replica_and_never_claims_more_than_the_request
         assert 0 <= decision.matched_tokens <= sum(s.tokens for s in segments)
         # what was just routed there is now matched in full (it fits the budget)
         assert router.matched_tokens(decision.replica, segments) == sum(s.tokens for s in segments)
+
+
+def test_a_shared_system_prompt_is_no_affinity_however_large_its_share() -> None:
+    # A long system prompt with short chunks: 80% of the tokens match on any replica holding it.
+    def short(chunk: str) -> list[Segment]:
+        return [Segment("system:big", 400, shared=True), Segment(f"chunk:{chunk}", 100)]
+
+    router = AffinityRouter(["r0", "r1"])
+    first = router.route(short("A"))
+    second = router.route(short("B"))
+    assert second.replica != first.replica and second.reason == "least-loaded"
+    assert router.route(short("A")).replica == first.replica  # its own chunk: affinity
+
+
+def test_prompt_segments_key_each_segment_by_its_tokens_and_mark_the_system_one_shared() -> None:
+    from ragcache.affinity import prompt_segments
+
+    a = prompt_segments([1, 2, 3, 4, 5, 6], [2, 4, 6], ["system", "chunk", "question"])
+    b = prompt_segments([1, 2, 9, 9, 3, 4], [2, 4, 6], ["system", "chunk", "chunk"])
+    assert [s.tokens for s in a] == [2, 2, 2] and [s.shared for s in a] == [True, False, False]
+    assert a[0].key == b[0].key and a[1].key == b[2].key  # same ids, same key
+    assert a[1].key != b[1].key

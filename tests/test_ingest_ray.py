@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module", autouse=True)
 def local_cluster():
-    from ingest.ray_engine import connect
+    from ragcache.ray_cluster import connect
 
     connect(None, num_cpus=2)
     yield

@@ -200,7 +200,8 @@ class WorkerRunner:
         """
         if not wait(prefilled[leader]):
             return False
-        cache = getattr(self.worker.engine, "cache", None)
+        # A pool of replicas (serve.replicas) has no engine here: its caches are out of reach.
+        cache = getattr(getattr(self.worker, "engine", None), "cache", None)
         if cache is None or ended[leader].is_set():
             return True
         need = item.prompt.tokens[: item.wait_tokens]

@@ -4,8 +4,10 @@
 - `sequence.Sequence`: one request's state machine (prefill, cache capture, decode, stop
   strings, statistics, storing its KV).
 - `ticket.Ticket`: what a client holds: the request's events, and cancel.
+- `protocol.GenerationWorker`: the worker's interface, which serve.replicas' pool also has.
 """
 
+from ragcache.runtime.protocol import GenerationWorker
 from ragcache.runtime.ticket import Ticket
 from ragcache.runtime.worker import (
     ModelWorker,
@@ -16,6 +18,7 @@ from ragcache.runtime.worker import (
 )
 
 __all__ = [
+    "GenerationWorker",
     "ModelWorker",
     "QueueFullError",
     "Ticket",

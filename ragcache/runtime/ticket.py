@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -12,6 +13,7 @@ import anyio
 from ragcache.engine import Completion, TextDelta
 
 Event = TextDelta | Completion
+log = logging.getLogger(__name__)
 DONE = object()  # after the Completion (or the error): the stream is over
 
 
@@ -24,12 +26,31 @@ class Ticket:
         self._cancel = threading.Event()
         self._worker_thread = worker_thread
         self._done_callbacks: list[Callable[[], None]] = []
+        self._cancel_callbacks: list[Callable[[], None]] = []
         self._ended = False
+        self.replica: str | None = None  # the replica that ran it, when a pool routed it
         self._lock = threading.Lock()
 
     def cancel(self) -> None:
         """Stop the generation at its next step; what it computed still goes into the cache."""
-        self._cancel.set()
+        with self._lock:
+            first = not self._cancel.is_set()
+            self._cancel.set()
+            callbacks = list(self._cancel_callbacks) if first else []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # the far side is gone already: nothing left to cancel there
+                log.warning("a cancel callback failed", exc_info=True)
+
+    def add_cancel_callback(self, fn: Callable[[], None]) -> None:
+        """Call `fn` (once) when the ticket is cancelled, at once if it already is: how a
+        generation running elsewhere (a replica) hears of it without polling."""
+        with self._lock:
+            if not self._cancel.is_set():
+                self._cancel_callbacks.append(fn)
+                return
+        fn()
 
     @property
     def cancelled(self) -> bool:

@@ -187,9 +187,17 @@ class ModelWorker:
         if cache is not None and hasattr(cache, "flush"):
             cache.flush()
 
-    def submit(self, prompt: SegmentedPrompt, params: SamplingParams | None = None) -> Ticket:
+    def submit(
+        self,
+        prompt: SegmentedPrompt,
+        params: SamplingParams | None = None,
+        conversation: str | None = None,
+    ) -> Ticket:
         """Queue a generation. Raises QueueFullError, WorkerStoppedError, PromptTooLongError,
-        InvalidRequestError (bad sampling values) before queueing anything."""
+        InvalidRequestError (bad sampling values) before queueing anything.
+
+        `conversation` is a routing hint for a pool of replicas (serve.replicas keeps a
+        conversation on one replica); a single worker has nothing to route and ignores it."""
         params = (params or SamplingParams()).validate()
         self.engine.check_fits(len(prompt.tokens))
         if self._stopping.is_set() or self._running is None:

@@ -102,7 +102,7 @@ class AskController(Controller):
                 if data.stream:
                     return ServerSentEvent(self._unrun_events(prepared, answer))
                 return Response(answer)
-            ticket = submit(services, prepared.prompt, params)
+            ticket = submit(services, prepared.prompt, params, conversation_id)
             if data.stream:
                 # Released when the request ends, even if the client left before the stream
                 # started (then nobody iterates the events), and when the stream ends.

@@ -16,6 +16,7 @@ import uvicorn
 
 from ragcache.settings import Settings
 from serve.app import create_app
+from serve.services import Services
 from serve.settings import ServeSettings
 
 
@@ -47,9 +48,11 @@ def wait_ready(
 class ServerThread:
     """uvicorn serving `create_app(settings)` on a thread; `stop()` shuts it down gracefully."""
 
-    def __init__(self, settings: ServeSettings, core: Settings) -> None:
+    def __init__(
+        self, settings: ServeSettings, core: Settings, services: Services | None = None
+    ) -> None:
         self.settings = settings
-        self.app = create_app(settings, core)
+        self.app = create_app(settings, core, services)
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",

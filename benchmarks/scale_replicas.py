@@ -1,0 +1,223 @@
+"""Real Ray Serve replicas on one RAG request stream: prefix affinity against one replica and
+against Ray Serve's default power-of-two routing (the live half of benchmarks/scale.py).
+
+The store is the bundled Python FAQ; the stream is a Zipf-popular draw (exponent 1.0, fixed
+seed) of its labelled questions, so popular questions repeat and questions of one FAQ page share
+chunks. Each configuration gets a fresh Ray Serve application with empty KV caches (RAM and
+disk tier) and the same stream, sent through the HTTP front (`/v1/ask`, k=4, 4 answer tokens)
+by `clients` concurrent clients in stream order. A configuration's token hit rate is the
+prompt tokens its replicas restored from their caches over all prompt tokens.
+
+- `replica_hit_ratio`: 2 replicas with affinity / 1 replica;
+- `affinity_vs_random_hit`: 2 replicas with affinity / 2 with power-of-two;
+- `single_replica_vs_random_hit`: 1 replica / 2 with power-of-two, the ceiling of the ratio above
+  while one replica's cache holds the whole stream (as here: no eviction).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from ingest.pipeline import JobSpec, run_job
+from ragcache.datasets import load_dataset
+from ragcache.settings import Settings, load_settings
+from serve.app import create_app
+from serve.services import build_services
+from serve.settings import ServeSettings
+
+WORK = Path(__file__).resolve().parent / ".work" / "replicas"
+CONFIGS = (
+    ("1-replica", 1, "affinity"),
+    ("2-affinity", 2, "affinity"),
+    ("2-power-of-two", 2, "power-of-two"),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Front:
+    """The HTTP front on a thread (uvicorn over create_app), as `ragcache serve` runs it."""
+
+    def __init__(self, settings: ServeSettings, core: Settings, services: Any) -> None:
+        app = create_app(settings, core, services)
+        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the front did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
+
+
+def faq_store(core: Settings, model: str) -> Path:
+    """The Python FAQ in a LanceDB folder (incremental: a second run embeds nothing)."""
+    corpus = load_dataset("python_docs").corpus_dir / "faq"
+    db = WORK / "db"
+    report = run_job(JobSpec(paths=(str(corpus),), db_dir=db, generator=model), core.home)
+    print(f"store: {report.total_chunks} chunks ({report.elapsed_s:.0f} s)", flush=True)
+    return db
+
+
+def zipf_questions(n: int, seed: int) -> list[str]:
+    questions = [q.question for q in load_dataset("python_docs").questions]
+    rng = random.Random(seed)
+    rng.shuffle(questions)  # popularity rank independent of file order
+    weights = [1.0 / (rank + 1) for rank in range(len(questions))]
+    return rng.choices(questions, weights=weights, k=n)
+
+
+def run_config(
+    core: Settings,
+    db: Path,
+    model: str,
+    name: str,
+    replicas: int,
+    routing: str,
+    stream: list[str],
+    clients: int,
+    k: int,
+) -> dict[str, Any]:
+    kv = WORK / f"kv-{name}"
+    shutil.rmtree(kv, ignore_errors=True)  # empty caches: no configuration starts warm
+    settings = ServeSettings(
+        port=free_port(),
+        db_dir=db,
+        model=model,
+        cache_dir=kv,
+        uploads_dir=WORK / "uploads",
+        batches_dir=WORK / "batches",
+        answer_mode="generate",
+        decline_below=0.0,
+        default_max_tokens=4,
+        store_refresh_s=0.0,
+        replicas=replicas,
+        routing=routing,
+        max_queue=16,
+    )
+    started = time.perf_counter()
+    services = build_services(settings, core)
+    server = _Front(settings, core, services)
+    ready_s = time.perf_counter() - started
+    rows: list[dict[str, Any] | None] = [None] * len(stream)
+    next_index = iter(range(len(stream)))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            send()
+        except BaseException as exc:  # a failed request must fail the run, not thin it
+            failures.append(exc)
+
+    def send() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=600) as http:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                r = http.post(
+                    "/v1/ask",
+                    json={"question": stream[i], "k": k, "max_tokens": 4, "stream": False},
+                )
+                r.raise_for_status()
+                usage = r.json()["usage"]
+                rows[i] = {
+                    "prompt_tokens": usage["prompt_tokens"],
+                    "cached_tokens": usage["cached_tokens"],
+                    "ttft_s": usage["ttft_s"],
+                    "total_s": time.perf_counter() - t0,
+                }
+
+    t_stream = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_stream
+    if failures:
+        server.stop()
+        raise RuntimeError(f"{len(failures)} clients failed: {failures[0]!r}")
+    pool: Any = services.worker
+    served = dict(pool.served_by)
+    server.stop()
+    done = [r for r in rows if r is not None]
+    prompt = sum(r["prompt_tokens"] for r in done)
+    cached = sum(r["cached_tokens"] for r in done)
+    per_replica = sorted(served.values(), reverse=True)
+    return {
+        "replicas": replicas,
+        "routing": routing,
+        "requests": len(done),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+        "mean_ttft_s": round(statistics.mean(r["ttft_s"] for r in done), 3),
+        "mean_total_s": round(statistics.mean(r["total_s"] for r in done), 3),
+        "stream_s": round(elapsed, 1),
+        "start_s": round(ready_s, 1),
+        "requests_per_replica": per_replica,
+        "imbalance": round(per_replica[0] / (len(done) / replicas), 3) if per_replica else None,
+    }
+
+
+def live_replicas(
+    model: str = "smollm2-135m-instruct",
+    requests: int = 40,
+    clients: int = 2,
+    k: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every configuration over the same stream; the two ratios the issue names."""
+    from ragcache.ray_cluster import connect
+
+    core = load_settings()
+    db = faq_store(core, model)
+    stream = zipf_questions(requests, seed)
+    connect(None)  # one local cluster for every configuration (Serve restarts per config)
+    out: dict[str, Any] = {
+        "settings": {
+            "model": model,
+            "requests": requests,
+            "clients": clients,
+            "k": k,
+            "seed": seed,
+            "distinct_questions": len(set(stream)),
+        },
+    }
+    for name, replicas, routing in CONFIGS:
+        out[name] = run_config(core, db, model, name, replicas, routing, stream, clients, k)
+        print(name, out[name], flush=True)
+    one, aff, p2c = (out[name]["hit_rate"] for name, _, _ in CONFIGS)
+    out["replica_hit_ratio"] = round(aff / one, 4) if one else None
+    out["affinity_vs_random_hit"] = round(aff / p2c, 4) if p2c else None
+    # What any router could reach on this stream: one replica holds every prefix it saw.
+    out["single_replica_vs_random_hit"] = round(one / p2c, 4) if p2c else None
+    return out
