@@ -34,7 +34,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help="embedded name, model folder or hub id")
     p.add_argument("--no-cache", action="store_true", help="compute every prompt from scratch")
     p.add_argument("--cache-dir", type=Path, default=None, help="KV disk tier (default HOME/kv)")
-    p.add_argument("--cache-mb", type=int, default=None, help="KV RAM budget in MiB")
+    p.add_argument(
+        "--cache-mb",
+        type=int,
+        default=None,
+        help="KV RAM budget in MiB (per replica with --replicas; default: a quarter of free memory)",
+    )
     p.add_argument(
         "--api-key-file",
         type=Path,
