@@ -141,6 +141,7 @@ class ModelReplica:
         loaded = load_model(options.model or core.model.name, core.home, core.model.quant)
         cache = build_cache(loaded, core, options)
         engine = Engine(loaded, core.generation, cache)
+        self.cache = cache
         self.worker = ModelWorker(
             engine, WorkerSettings(max_queue=settings.max_queue, max_batch=settings.max_batch)
         ).start()
@@ -168,6 +169,17 @@ class ModelReplica:
                 yield event
         except RagcacheError as exc:
             yield RemoteFailure.of(exc)
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """This replica's cache figures (CacheStats.as_dict), or None with the cache off."""
+        cache = self.cache
+        return self.worker.call(cache.stats).as_dict() if cache is not None else None
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix of this replica, from RAM and its disk tier."""
+        cache = self.cache
+        if cache is not None:
+            self.worker.call(cache.clear)
 
     def check_health(self) -> None:
         """Ray Serve's health check: a stopped worker means a replica to replace. (A worker

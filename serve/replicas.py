@@ -13,9 +13,10 @@ when replicas are uneven, and a conversation stays on its replica. `routing="pow
 keeps Ray Serve's default (the baseline benchmarks/scale.py measures against).
 
 A replica that dies mid-stream fails its requests with a retriable `ReplicaLostError` (503,
-Retry-After); Ray Serve starts a new one, and the other replicas carry on. What the front does
-not have: the caches' figures (`/v1/cache` reports none) and cache-aware ordering against a
-replica's tree (the front orders chunks canonically, which keeps prefixes shared).
+Retry-After); Ray Serve starts a new one, and the other replicas carry on. `/v1/cache` reports
+the replicas' caches (broadcast: summed, and each replica's) and clears them all. What the front
+does not have: cache-aware ordering against a replica's tree (the front orders chunks
+canonically, which keeps prefixes shared).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class ReplicaPool:
         # One streaming handle for every generation: its router (and so its picture of each
         # replica's cache) is shared by all of them.
         self._stream = handle.options(stream=True)
+        self._handle = handle  # control calls, broadcast to every replica
         self.deployment = deployment
         self.replicas = replicas
         self.settings = settings
@@ -140,6 +142,26 @@ class ReplicaPool:
     def _poll_health(self) -> None:
         while not self._stopping.wait(HEALTH_POLL_S):
             self._running_replicas = self.running_replicas()
+
+    def cache_stats(self, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """Every replica's cache figures together: counters summed, the token hit rate
+        recomputed from the sums, and each replica's own under "replicas". None when no
+        replica has a cache."""
+        each = [s for s in self._handle.broadcast("cache_stats").results(timeout_s=timeout_s) if s]
+        if not each:
+            return None
+        total: dict[str, Any] = {}
+        for key, value in each[0].items():
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            total[key] = sum(s.get(key, 0) for s in each) if numeric else value
+        if total.get("prompt_tokens"):
+            total["token_hit_rate"] = round(total["hit_tokens"] / total["prompt_tokens"], 4)
+        total["replicas"] = each
+        return total
+
+    def clear_caches(self, timeout_s: float = 60.0) -> None:
+        """Drop every replica's cached prefixes (RAM and disk tier)."""
+        self._handle.broadcast("clear_cache").results(timeout_s=timeout_s)
 
     def call(self, fn: Callable[[], T], timeout: float | None = 60.0) -> T:
         """The front holds no model state: work meant for the model thread runs here."""

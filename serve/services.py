@@ -33,7 +33,7 @@ from serve.conversations import Conversations
 from serve.errors import ServiceNotReadyError
 from serve.metrics import Metrics
 from serve.refresh import StoreRefresher
-from serve.replicas import ReplicaDeployment, deploy_replicas, replica_pool
+from serve.replicas import ReplicaDeployment, ReplicaPool, deploy_replicas, replica_pool
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ class Services:
     refresher: StoreRefresher | None = None
     replicas: ReplicaDeployment | None = None  # serve --replicas N: taken down on close
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def replica_pool(self) -> ReplicaPool | None:
+        """The pool over Ray Serve replicas (serve --replicas), or None in-process."""
+        return self.worker if isinstance(self.worker, ReplicaPool) else None
 
     @property
     def model_names(self) -> tuple[str, ...]:

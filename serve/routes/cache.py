@@ -11,7 +11,11 @@ from serve.services import AppStateDep, ServicesDep
 
 async def _figures(app_state: AppStateDep, services: ServicesDep) -> CacheFigures:
     cache = services.stack.cache
-    stats = (await app_state.on_worker(cache.stats)).as_dict() if cache is not None else None
+    pool = services.replica_pool
+    if pool is not None:  # serve --replicas: the caches are the replicas'
+        stats = await app_state.off_loop(pool.cache_stats)
+    else:
+        stats = (await app_state.on_worker(cache.stats)).as_dict() if cache is not None else None
     worker = services.worker
     return CacheFigures(
         stats=stats,
@@ -60,6 +64,8 @@ class CacheController(Controller):
     @delete(status_code=200, summary="Drop every cached prefix, from RAM and disk")
     async def clear(self, app_state: AppStateDep, services: ServicesDep) -> CacheFigures:
         cache = services.stack.cache
-        if cache is not None:
+        if services.replica_pool is not None:
+            await app_state.off_loop(services.replica_pool.clear_caches)
+        elif cache is not None:
             await app_state.on_worker(cache.clear)
         return await _figures(app_state, services)

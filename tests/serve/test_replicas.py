@@ -117,6 +117,21 @@ def test_unrelated_questions_spread_and_a_conversation_sticks_to_its_replica(
     assert follow.json()["usage"]["cached_tokens"] >= first.json()["usage"]["prompt_tokens"] - 1
 
 
+def test_cache_figures_and_clear_reach_every_replica(
+    front: tuple[ServerThread, Services],
+) -> None:
+    server, _ = front
+    _ask(server, "What does the gamma document say?")
+    figures = httpx.get(f"{server.base_url}/v1/cache", headers=server.headers, timeout=60).json()
+    stats = figures["stats"]
+    assert len(stats["replicas"]) == 2  # one entry per replica, summed above them
+    assert stats["lookups"] == sum(r["lookups"] for r in stats["replicas"]) > 0
+    assert stats["ram_bytes"] > 0
+    cleared = httpx.delete(f"{server.base_url}/v1/cache", headers=server.headers, timeout=60)
+    assert cleared.status_code == 200
+    assert all(r["ram_nodes"] == 0 for r in cleared.json()["stats"]["replicas"])
+
+
 def test_a_replica_killed_mid_stream_fails_its_request_retriably_and_the_others_answer(
     front: tuple[ServerThread, Services],
 ) -> None:
