@@ -20,6 +20,7 @@ first turn while that replica is there. Pure: no Ray, no model; property-tested 
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,9 +69,7 @@ def prompt_segments(
     start = 0
     for i, end in enumerate(boundaries):
         ids = tokens[start:end]
-        digest = hashlib.blake2b(
-            b"".join(int(t).to_bytes(4, "little", signed=True) for t in ids), digest_size=12
-        )
+        digest = hashlib.blake2b(array("q", ids).tobytes(), digest_size=12)
         shared = i < len(kinds) and kinds[i] == "system"
         out.append(Segment(f"seg:{digest.hexdigest()}", len(ids), shared))
         start = end
@@ -171,8 +170,7 @@ class AffinityRouter:
             load[idlest], 1
         )
         sticky = self._sticky.get(conversation) if conversation else None
-        if sticky in self._replicas and not imbalanced:
-            assert sticky is not None
+        if sticky is not None and sticky in self._replicas and not imbalanced:
             return Decision(sticky, self.matched_tokens(sticky, segments), "sticky")
         if imbalanced:
             return Decision(idlest, self.matched_tokens(idlest, segments), "balance")

@@ -35,8 +35,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address:
-        require_reachable(address)
+    if address:  # callers check it answers (require_reachable) before they write anything
         kwargs["address"] = address
     else:
         # A private local cluster: no token to share with anybody.
