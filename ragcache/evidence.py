@@ -70,7 +70,7 @@ class Quote:
 @dataclass(frozen=True)
 class EvidenceSettings:
     context_sentences: int = 1  # neighbours on each side whose words count for a sentence
-    context_weight: float = 0.3  # how much the neighbours' words count beside the sentence's own
+    context_weight: float = 0.0  # how much the neighbours' words count beside the sentence's own
 
 
 @dataclass

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragcache.evidence import EvidenceIndex, Quote
-from ragcache.sentences import is_term, words
+from ragcache.sentences import identifiers, is_term, words
 
 
 @dataclass(frozen=True)
 class ExtractSettings:
     # Chosen on the tune half of the labelled questions (benchmarks/tune_answers.py).
     lexical_weight: float = 0.2  # word evidence vs embedding cosine in a sentence's score
-    rank_weight: float = 0.0  # a prior for the passages retrieval ranked higher
-    passage_weight: float = 0.5  # how much a passage that is about the question as a whole counts
-    # A document's opening sentence states what the document is about (a manual's NAME line, an
-    # FAQ answer's first sentence): a "why"/"what is" question is answered from there more often
-    # than from a sentence deep inside that happens to share its words.
+    rank_weight: float = 0.1  # a prior for the passages retrieval ranked higher
+    passage_weight: float = 1.0  # how much a passage that is about the question as a whole counts
+    # A document's opening prose sentence states what the document is about (an FAQ answer's
+    # first sentence): a "why"/"what is" question is answered from there more often than from a
+    # sentence deep inside that happens to share its words. A label line (a NAME line) is not
+    # favoured: see _is_prose.
     lead_weight: float = 1.0
     max_sentences: int = 3  # the answering sentence and what continues its paragraph
     # A later sentence of the same definition (up to the next term line) that scores at least
@@ -60,7 +61,6 @@ def _subject(title: str, quote: str) -> str:
     return title if name and name not in quote.lower() else ""
 
 
-_NAME = re.compile(r"(?<![\w.-])(?:--?[a-z][\w-]*|[A-Za-z_]\w*(?:[._][\w]+)+|[a-z]+[A-Z]\w*)")
 # A proper name: a capitalised word (a product, a project, a language: "Kubernetes", "GitHub",
 # "Moore-Penrose") that does not open a sentence; a possessive "'s" is not part of it.
 _PROPER = re.compile(r"(?<![\w.'-])([A-Z][a-z]*[A-Za-z\d]*(?:-[A-Z][\w]*)*)(?:'s)?(?![\w-])")
@@ -74,7 +74,7 @@ def unknown_names(question: str, passages_text: str) -> tuple[str, ...]:
     asked of the Python manual is not answered by a passage about sockets, however close.
     """
     text = passages_text.lower()
-    names = {m.group(0).rstrip(".") for m in _NAME.finditer(question)}
+    names = identifiers(question)
     names |= {
         m.group(1)
         for m in _PROPER.finditer(question)
@@ -104,7 +104,11 @@ def extract_answer(
         prior += s.passage_weight * _passage_scores(index, base)
     if s.lead_weight:
         prior += s.lead_weight * np.array(
-            [e.index == 0 and e.passage.opens_document for e in index.entries], dtype=np.float32
+            [
+                e.index == 0 and e.passage.opens_document and _is_prose(e.sentence.text)
+                for e in index.entries
+            ],
+            dtype=np.float32,
         )
     best = int(np.argmax(base + prior))
     siblings = index.siblings(best)
@@ -143,6 +147,14 @@ def extract_answer(
     subject = _subject(entry.passage.title, quote.text)
     unknown = unknown_names(question, "\n".join(p.text for p in index.passages))
     return Extraction(quote, confidence, subject, unknown, more)
+
+
+def _is_prose(sentence: str) -> bool:
+    """Whether a sentence ends like one. A label line (a manual's NAME line "git-grep - Print
+    lines matching a pattern", a heading) names what its whole page is about: it answers a
+    question about the page on its own match, and must not outrank the line deep in the page
+    that answers a question about one of its options."""
+    return sentence.rstrip().rstrip(")\"'`*").endswith((".", "!", "?"))
 
 
 def _rest_of_definition(siblings: list, last: int) -> list[int]:

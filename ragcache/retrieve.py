@@ -9,6 +9,7 @@ import numpy as np
 
 from ragcache.embedder import Embedder
 from ragcache.errors import ConfigError, InvalidRequestError
+from ragcache.sentences import identifiers
 from ragcache.store import ChunkStore, SearchHit
 
 SEARCH_MODES = ("hybrid", "vector", "fts")
@@ -18,7 +19,11 @@ SEARCH_MODES = ("hybrid", "vector", "fts")
 class RetrievalSettings:
     k: int = 5
     max_k: int = 50
-    mode: str = "hybrid"  # reciprocal rank fusion of vector and full-text results
+    mode: str = "hybrid"  # vector and full-text results fused (the store's fusion settings)
+    # A question that names an identifier (`core.deltaBaseCacheLimit`, `--stdin-packs`) is found
+    # by its exact words: the embedder sees such a name as a few common word pieces. The vector
+    # arm's weight in the fusion for such questions (None: the store's weight for every question).
+    identifier_vector_weight: float | None = 0.3
 
 
 @dataclass(frozen=True)
@@ -73,5 +78,6 @@ class Retriever:
             if mode == "vector":
                 hits = self.store.search_vector(vector, k, where)
             else:
-                hits = self.store.search_hybrid(question, vector, k, where)
+                weight = self.settings.identifier_vector_weight if identifiers(question) else None
+                hits = self.store.search_hybrid(question, vector, k, where, weight)
         return Retrieval(hits, (time.perf_counter() - start) * 1000, vector)

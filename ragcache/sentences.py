@@ -19,6 +19,8 @@ _WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*[A-Za-z0-9_]|[A-Za-z0-9_]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[`*]?[A-Z0-9])")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)]|\[\d{1,2}\])\s+")
 _CITATION = re.compile(r"\s*\[(\d{1,2})\]")
+# An identifier: an option (`--prune`), a dotted or snake name (`core.fooBar`, `max_age`), camelCase.
+_IDENTIFIER = re.compile(r"(?<![\w.-])(?:--?[a-z][\w-]*|[A-Za-z_]\w*(?:[._][\w]+)+|[a-z]+[A-Z]\w*)")
 
 _STOPWORD_TEXT = """a an the and or but if then else of to in on at by for with from as is are was were be been
     being it its this that these those there here what which who whom whose when where why how do
@@ -26,6 +28,11 @@ _STOPWORD_TEXT = """a an the and or but if then else of to in on at by for with 
     you your i we our they them their he she his her me my about into over under out up down
     also just only any all each some such more most other one use used using"""
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+
+
+def identifiers(text: str) -> set[str]:
+    """The identifier-like names `text` uses (`--prune`, `core.fooBar`, `max_age`, `isDir`)."""
+    return {m.group(0).rstrip(".") for m in _IDENTIFIER.finditer(text)}
 
 
 @dataclass(frozen=True)

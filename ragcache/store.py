@@ -362,15 +362,21 @@ class ChunkStore:
         return [_hit(r, float(r["_score"])) for r in query.to_arrow().to_pylist()]
 
     def search_hybrid(
-        self, text: str, vector: np.ndarray, k: int = 10, where: str | None = None
+        self,
+        text: str,
+        vector: np.ndarray,
+        k: int = 10,
+        where: str | None = None,
+        vector_weight: float | None = None,
     ) -> list[SearchHit]:
-        """Vector and full-text results fused (`settings.fusion`); score is the fused score."""
+        """Vector and full-text results fused (`settings.fusion`); score is the fused score.
+        `vector_weight` overrides the settings' weight of the vector arm (convex fusion)."""
         n = max(k, self.settings.fusion_candidates)
         by_vector = self.search_vector(vector, n, where)
         by_text = self.search_text(text, n, where)
         if self.settings.fusion == "rrf":
             return fuse_rrf([by_vector, by_text], k, self.settings.rrf_k)
-        w = self.settings.vector_weight
+        w = self.settings.vector_weight if vector_weight is None else vector_weight
         return fuse_convex([(by_vector, w), (by_text, 1.0 - w)], k)
 
     def existing_chunk_ids(self, chunk_ids: Sequence[str], batch: int = 1000) -> set[str]:

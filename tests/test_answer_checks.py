@@ -180,6 +180,33 @@ def test_a_documents_opening_sentence_is_preferred_for_what_it_is_about() -> Non
     assert got is not None and got.quote.number == 2 and got.quote.start == 0
 
 
+def test_a_pages_name_line_does_not_outrank_the_option_that_answers() -> None:
+    """A manual's NAME line opens its page but is a label, not a sentence: a question about one
+    option is answered by that option's entry deeper in the page, with the term above it."""
+    grep_name = Passage(
+        1,
+        "grep#0",
+        "git-grep",
+        "git-grep - Print lines matching a pattern\n\nLook for specified patterns in the "
+        "tracked files in the work tree.",
+        opens_document=True,
+    )
+    grep_options = Passage(
+        2,
+        "grep#6",
+        "git-grep",
+        "--break\nPrint an empty line between matches from different files.\n\n--heading\n"
+        "Show the filename above the matches in that file instead of at the start of each line.",
+    )
+    ix = EvidenceIndex([grep_name, grep_options])
+    got = extract_answer("Which git grep option prints an empty line between matches?", ix)
+    assert got is not None and got.quote.number == 2
+    assert got.quote.text.startswith("--break")
+    # The NAME line still answers a question about the page as a whole on its own match.
+    got = extract_answer("Which git command prints lines matching a pattern?", ix)
+    assert got is not None and got.quote.number == 1 and got.quote.start == 0
+
+
 def test_a_default_stated_at_the_end_of_a_long_definition_is_quoted_too() -> None:
     """The term's description is quoted from its start; a later sentence of the same definition
     that answers too (the default, past the length budget) follows after an ellipsis, with its

@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ragcache.sentences import citation_numbers, content_words, split_sentences, strip_citations
+from ragcache.sentences import (
+    citation_numbers,
+    content_words,
+    identifiers,
+    split_sentences,
+    strip_citations,
+)
 
 MANUAL = """git-bisect - Use binary search to find the commit that introduced a bug
 
@@ -50,3 +56,15 @@ def test_citations_and_words() -> None:
         "bare",
         "follow",
     ]
+
+
+def test_identifiers_are_options_dotted_snake_and_camel_names() -> None:
+    q = "Is core.deltaBaseCacheLimit or --stdin-packs like max_age, isDir or list.sort()?"
+    assert identifiers(q) == {
+        "core.deltaBaseCacheLimit",
+        "--stdin-packs",
+        "max_age",
+        "isDir",
+        "list.sort",
+    }
+    assert identifiers("Why does Python use indentation for grouping of statements?") == set()

@@ -113,6 +113,19 @@ def test_vector_text_and_hybrid_search_with_filter(store):
     assert store.token_ids([hit.chunk_id], "another-tokenizer") == {}
 
 
+def test_hybrid_vector_weight_moves_the_fusion_between_its_arms(store):
+    """A caller's weight overrides the settings': the retriever leans on the exact words for a
+    question that names an identifier."""
+    rng = np.random.default_rng(2)
+    texts = ["the radix tree caches prefixes", "lancedb stores vectors", "bm25 ranks words"]
+    docs = [_doc(f"d{i}", [t], rng) for i, t in enumerate(texts)]
+    _write(store, docs)
+    store.maintain(compact=False)
+    target = docs[1][1][0]  # the vector arm's best is d1, the text arm's d0
+    assert store.search_hybrid("radix prefixes", target, k=3, vector_weight=0.9)[0].doc_id == "d1"
+    assert store.search_hybrid("radix prefixes", target, k=3, vector_weight=0.1)[0].doc_id == "d0"
+
+
 def test_fts_query_words_are_not_query_syntax(store):
     rng = np.random.default_rng(3)
     _write(store, [_doc("a", ["what's a (tuple)? AND OR NOT"], rng)])
