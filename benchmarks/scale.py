@@ -145,11 +145,19 @@ def plot(result: dict, path: Path) -> None:
         axes[1].plot(xs, [sim[str(n)][policy]["imbalance"] for n in xs], "o-", label=policy)
     if live:
         names = [n for n in ("1-replica", "2-affinity", "2-power-of-two") if n in live]
-        axes[2].bar(names, [live[n]["hit_rate"] for n in names], color=["grey", "C0", "C1"])
-        for i, n in enumerate(names):
-            axes[2].text(
-                i, live[n]["hit_rate"], f"{live[n]['hit_rate']:.3f}", ha="center", va="bottom"
-            )
+        bounded = live.get("memory_bound", {})
+        xs_bar = range(len(names))
+        for offset, source, label in ((-0.2, live, "cache holds the stream"), (0.2, bounded, "")):
+            if not all(n in source for n in names):
+                continue
+            share = bounded.get("bounded_share")
+            label = label or f"{share:.2f} of the working set per replica, RAM only"
+            heights = [source[n]["hit_rate"] for n in names]
+            axes[2].bar([x + offset for x in xs_bar], heights, width=0.4, label=label)
+            for x, h in zip(xs_bar, heights, strict=True):
+                axes[2].text(x + offset, h, f"{h:.3f}", ha="center", va="bottom", fontsize=8)
+        axes[2].set_xticks(list(xs_bar), names)
+        axes[2].legend(fontsize=8, loc="lower center")
         axes[2].set_title(
             f"real Ray Serve replicas: token hit rate ({live['settings']['requests']} requests)"
         )
@@ -224,6 +232,7 @@ def main() -> None:
         result["live_replicas"] = live_replicas(requests=args.live_requests, seed=args.seed)
         for key in ("replica_hit_ratio", "affinity_vs_random_hit"):
             result[key] = result["live_replicas"][key]
+            result[f"{key}_memory_bound"] = result["live_replicas"]["memory_bound"][key]
     if not args.no_store:
         from benchmarks.scale_ingest import ray_vs_local, s3_store
         from ragcache.datasets import load_dataset

@@ -101,7 +101,10 @@ def run_config(
     stream: list[str],
     clients: int,
     k: int,
+    cache_bytes: int | None = None,
 ) -> dict[str, Any]:
+    """One configuration over the stream. `cache_bytes`: each replica's KV budget, in RAM only
+    (no disk tier), for a stream whose working set one replica cannot hold."""
     kv = WORK / f"kv-{name}"
     shutil.rmtree(kv, ignore_errors=True)  # empty caches: no configuration starts warm
     settings = ServeSettings(
@@ -118,6 +121,8 @@ def run_config(
         replicas=replicas,
         routing=routing,
         max_queue=16,
+        cache_bytes=cache_bytes,
+        disk_cache=cache_bytes is None,
     )
     started = time.perf_counter()
     services = build_services(settings, core)
@@ -167,6 +172,8 @@ def run_config(
         raise RuntimeError(f"{len(failures)} clients failed: {failures[0]!r}")
     pool: Any = services.worker
     served = dict(pool.served_by)
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        cache_stats = http.get("/v1/cache").json()["stats"]  # every replica's, summed
     server.stop()
     done = [r for r in rows if r is not None]
     prompt = sum(r["prompt_tokens"] for r in done)
@@ -185,6 +192,10 @@ def run_config(
         "start_s": round(ready_s, 1),
         "requests_per_replica": per_replica,
         "imbalance": round(per_replica[0] / (len(done) / replicas), 3) if per_replica else None,
+        "cache_bytes": cache_bytes,
+        "cache_ram_bytes": cache_stats.get("ram_bytes"),
+        "evictions": cache_stats.get("evictions"),
+        "disk_enabled": cache_stats.get("disk_enabled"),
     }
 
 
@@ -194,8 +205,12 @@ def live_replicas(
     clients: int = 2,
     k: int = 4,
     seed: int = 0,
+    bounded_share: float = 1 / 3,
 ) -> dict[str, Any]:
-    """Every configuration over the same stream; the two ratios the issue names."""
+    """Every configuration over the same stream; the two ratios the issue names. Then the same
+    three with each replica's KV budget `bounded_share` of the stream's working set (the RAM one
+    replica held after the stream, measured in the first run), RAM only: the regime past one
+    machine, where a corpus's prefixes outgrow one replica's cache."""
     from ragcache.ray_cluster import connect
 
     core = load_settings()
@@ -220,4 +235,20 @@ def live_replicas(
     out["affinity_vs_random_hit"] = round(aff / p2c, 4) if p2c else None
     # What any router could reach on this stream: one replica holds every prefix it saw.
     out["single_replica_vs_random_hit"] = round(one / p2c, 4) if p2c else None
+    working_set = out["1-replica"]["cache_ram_bytes"]
+    budget = int(working_set * bounded_share)
+    bounded: dict[str, Any] = {
+        "working_set_bytes": working_set,
+        "bounded_share": round(bounded_share, 4),
+        "cache_bytes_per_replica": budget,
+    }
+    for name, replicas, routing in CONFIGS:
+        bounded[name] = run_config(
+            core, db, model, f"{name}-bounded", replicas, routing, stream, clients, k, budget
+        )
+        print(f"{name} bounded", bounded[name], flush=True)
+    one, aff, p2c = (bounded[name]["hit_rate"] for name, _, _ in CONFIGS)
+    bounded["replica_hit_ratio"] = round(aff / one, 4) if one else None
+    bounded["affinity_vs_random_hit"] = round(aff / p2c, 4) if p2c else None
+    out["memory_bound"] = bounded
     return out

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-cache", action="store_true", help="compute every prompt from scratch")
     p.add_argument("--cache-dir", type=Path, default=None, help="KV disk tier (default HOME/kv)")
     p.add_argument(
+        "--no-disk-cache", action="store_true", help="keep the KV cache in RAM only (no disk tier)"
+    )
+    p.add_argument(
         "--cache-mb",
         type=int,
         default=None,
@@ -130,6 +133,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         model=args.model,
         cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        disk_cache=not args.no_disk_cache,
         cache_bytes=args.cache_mb * (1 << 20) if args.cache_mb is not None else None,
         api_key=api_key,
         cors_origins=tuple(args.cors_origin),

@@ -136,6 +136,7 @@ class ModelReplica:
             model=settings.model,
             cache=settings.cache,
             cache_dir=kv_dir,
+            cache_dir_off=not settings.disk_cache,
             cache_settings=cache_settings.validate(),
         )
         loaded = load_model(options.model or core.model.name, core.home, core.model.quant)

@@ -104,6 +104,7 @@ def build_services(settings: ServeSettings, core: Settings) -> Services:
         model=settings.model,
         cache=settings.cache,
         cache_dir=settings.cache_dir,
+        cache_dir_off=not settings.disk_cache,
         cache_settings=cache_settings.validate(),
         retrieval=RetrievalSettings(max_k=settings.max_k),
         answer=_answer_settings(settings),

@@ -21,6 +21,7 @@ class ServeSettings:
     model: str | None = None  # default: the configured model
     cache: bool = True
     cache_dir: Path | None = None  # KV disk tier; default HOME/kv
+    disk_cache: bool = True  # False: the KV cache lives in RAM only (no disk tier)
     cache_bytes: int | None = None  # RAM budget of the KV cache; default a quarter of free memory
     uploads_dir: Path | None = None  # uploaded files; default beside the db: DB-uploads
     batches_dir: Path | None = None  # one folder per batch job; default HOME/batches

@@ -17,8 +17,8 @@ from tests.serve.server import free_port, serve_subprocess, wait_ready
 PROMPT = "alpha beta gamma"  # the tiny model runs on for ~1000 tokens from this one
 
 
-def _start(tiny_llama: LoadedModel, db: Path, kv: Path, port: int) -> subprocess.Popen:
-    args = ["--model", str(tiny_llama.path), "--db", str(db), "--cache-dir", str(kv)]
+def _start(tiny_llama: LoadedModel, db: Path, kv: Path, port: int, *extra: str) -> subprocess.Popen:
+    args = ["--model", str(tiny_llama.path), "--db", str(db), "--cache-dir", str(kv), *extra]
     proc = serve_subprocess([*args, "--port", str(port), "--max-tokens", "2048"])
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout_s=180)
@@ -66,6 +66,27 @@ def test_sigterm_drains_streams_and_a_restart_is_warm(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
+
+
+@pytest.mark.slow
+def test_no_disk_cache_keeps_the_kv_in_ram_only(
+    tmp_path: Path, tiny_llama: LoadedModel, tiny_store: Path
+) -> None:
+    """--no-disk-cache: a repeat is served from RAM, and nothing is written to the disk tier,
+    even on shutdown."""
+    port, kv = free_port(), tmp_path / "kv"
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(tiny_llama, tiny_store, kv, port, "--no-disk-cache")
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 2}
+        httpx.post(f"{base}/v1/completions", json=body, timeout=120).raise_for_status()
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()["usage"]
+        assert again["prompt_tokens_details"]["cached_tokens"] > 0, again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert not any(kv.rglob("*")), sorted(kv.rglob("*"))
 
 
 @pytest.mark.slow
