@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import statistics
 import threading
 import time
@@ -26,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from ingest.pipeline import JobSpec, run_job
 from ragcache.datasets import load_dataset
 from ragcache.settings import Settings, load_settings
-from serve.app import create_app
 from serve.services import build_services
 from serve.settings import ServeSettings
+from tests.serve.server import ServerThread, free_port
 
 WORK = Path(__file__).resolve().parent / ".work" / "replicas"
 CONFIGS = (
@@ -41,37 +39,6 @@ CONFIGS = (
     ("2-affinity", 2, "affinity"),
     ("2-power-of-two", 2, "power-of-two"),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Front:
-    """The HTTP front on a thread (uvicorn over create_app), as `ragcache serve` runs it."""
-
-    def __init__(self, settings: ServeSettings, core: Settings, services: Any) -> None:
-        app = create_app(settings, core, services)
-        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base_url = f"http://127.0.0.1:{settings.port}"
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the front did not become ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=120)
 
 
 def faq_store(core: Settings, model: str) -> Path:
@@ -126,7 +93,7 @@ def run_config(
     )
     started = time.perf_counter()
     services = build_services(settings, core)
-    server = _Front(settings, core, services)
+    server = ServerThread(settings, core, services).start()
     ready_s = time.perf_counter() - started
     rows: list[dict[str, Any] | None] = [None] * len(stream)
     next_index = iter(range(len(stream)))
