@@ -1,19 +1,23 @@
-"""Decode steps' one-row matmuls at memory speed, with OpenBLAS's exact bits.
+"""Decode steps' matmuls (1-8 rows) at memory speed, with the bits of a prefill's rows.
 
-A decode step multiplies one row by every weight matrix. MLX's CPU backend hands each of those to
-`cblas_sgemm`, and OpenBLAS 0.3.21 packs the whole weight into a scratch copy on every such call
-before its kernel reads it: on this machine the output layer of SmolLM2 (49152 x 576) took 21 ms
-that way against 8.5 ms as a matrix-vector product. The matrix-vector product (`sgemv`) sums in
-another order, though, and ragcache's promise is that cached, speculative and cold greedy runs
-give the same tokens: a decode row must have the same bits as that row computed inside a prefill
-or a speculative verify (many rows, OpenBLAS's sgemm). So `native/skinny_gemm.c` computes one-row
-products in sgemm's own order (an FMA chain per output, restarted at each of sgemm's K blocks) on
-two threads, and takes only calls where that is proven:
+A decode step multiplies one row (a batch: a few rows) by every weight matrix. MLX's CPU backend
+hands each of those to `cblas_sgemm`. OpenBLAS 0.3.21 then either packs the whole weight into a
+scratch copy on every such call before its kernel reads it (on an Intel machine the output layer
+of SmolLM2, 49152 x 576, took 21 ms that way against 8.5 ms as a matrix-vector product), or, in
+its SkylakeX build, sends small products to a small-matrix kernel that sums in another order than
+its ordinary path. ragcache's promise is that cached, speculative and cold greedy runs give the
+same tokens: a decode row must have the same bits as that row computed inside a prefill or a
+speculative verify (many rows, OpenBLAS's ordinary sgemm). So `native/skinny_gemm.c` computes
+products of up to 8 rows in the ordinary path's own order (an FMA chain per output, restarted at
+each of sgemm's K blocks) on two threads, and takes only calls where that is proven:
 
-- the K block is found by probing this machine's OpenBLAS (bit-for-bit on several K);
-- every new (n, k) shape is computed both ways on its first call and kept with OpenBLAS forever
-  if any bit differs;
-- everything else (prefill, verify, attention, any other caller) goes to OpenBLAS unchanged.
+- the K block is found by probing this machine's OpenBLAS (bit-for-bit on several K, against a
+  product tall enough for its ordinary path);
+- OpenBLAS must give a row the same bits in products of different heights, or nothing can match
+  it and the kernel stays off (seen: Haswell kernels forced onto an AVX-512 AMD machine);
+- every new (n, k) shape is computed both ways on its first call; one that differs in any bit is
+  computed through the padded reference product from then on;
+- everything else (prefill, attention, any other caller) goes to OpenBLAS unchanged.
 
 The library is compiled once per source version with the system C compiler into
 `$RAGCACHE_HOME/native/` and loaded RTLD_GLOBAL before OpenBLAS and mlx.core, so libmlx binds its
@@ -31,13 +35,16 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("native") / "skinny_gemm.c"
-# OpenBLAS K blocks (GEMM_Q) and split roundings to try, most likely first (Haswell sgemm: 320).
+# OpenBLAS K blocks (GEMM_Q) and split roundings to try, most likely first (Haswell sgemm: 320,
+# SkylakeX: 448).
 _BLOCKS = (320, 384, 256, 512, 448, 640, 768, 192, 128)
 _UNROLLS = (4, 8, 16, 2, 1, 24, 32)
 _PROBE_K = (576, 896, 1536, 2048, 4864)  # one and several K blocks, and split remainders
 _PROBE_N = 256
+MAX_ROWS = 8  # the most rows a call the kernel takes has (native/skinny_gemm.c: MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,14 @@ class SkinnyGemm:
         lib.skinny_gemm_bind.argtypes = [ctypes.c_char_p]
         lib.skinny_gemm_configure.argtypes = [i, i, i, i]
         lib.skinny_gemm_configure.restype = None
-        lib.skinny_gemm_compute.argtypes = [i, i, p, p, p]
+        lib.skinny_gemm_compute.argtypes = [i, i, i, p, p, p]
         lib.skinny_gemm_compute.restype = None
-        lib.skinny_gemm_reference.argtypes = [i, i, p, p, p]
-        lib.skinny_gemm_reference.restype = None
+        lib.skinny_gemm_reference.argtypes = [i, i, i, p, p, p]
+        lib.skinny_gemm_reference.restype = i
+        lib.skinny_gemm_openblas.argtypes = [i, i, i, p, p, p]
+        lib.skinny_gemm_openblas.restype = None
+        lib.skinny_gemm_reference_only.argtypes = [i]
+        lib.skinny_gemm_reference_only.restype = None
         lib.skinny_gemm_counter.argtypes = [i]
         lib.skinny_gemm_counter.restype = ctypes.c_long
 
@@ -81,29 +92,64 @@ class SkinnyGemm:
             raise RuntimeError("the kernel was never activated")
         self.configure(on, *self.blocking, self.threads)
 
-    def matches_openblas(self, n: int, k: int, seed: int = 0) -> bool:
-        """Whether this kernel's one-row product has OpenBLAS sgemm's bits on random operands."""
+    def set_reference_only(self, on: bool) -> None:
+        """Compute the calls this kernel takes through the padded OpenBLAS product instead: the
+        bits it must reproduce, slower (for tests)."""
+        self._lib.skinny_gemm_reference_only(int(on))
+
+    def _operands(self, m: int, n: int, k: int, seed: int) -> tuple[Any, Any]:
         import numpy as np
 
-        rng = np.random.default_rng(seed + 7919 * k + n)
-        a = rng.standard_normal((1, k), dtype=np.float32)
+        rng = np.random.default_rng(seed + 7919 * k + n + 104729 * m)
+        a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((n, k), dtype=np.float32)
-        mine, theirs = np.empty((1, n), np.float32), np.empty((1, n), np.float32)
+        return a, b
+
+    def _product(self, fn: Any, a: Any, b: Any) -> Any:
+        import numpy as np
+
+        out = np.empty((a.shape[0], b.shape[0]), np.float32)
         ptr = ctypes.c_void_p
-        self._lib.skinny_gemm_compute(
-            n, k, ptr(a.ctypes.data), ptr(b.ctypes.data), ptr(mine.ctypes.data)
+        done = fn(
+            a.shape[0],
+            b.shape[0],
+            a.shape[1],
+            ptr(a.ctypes.data),
+            ptr(b.ctypes.data),
+            ptr(out.ctypes.data),
         )
-        self._lib.skinny_gemm_reference(
-            n, k, ptr(a.ctypes.data), ptr(b.ctypes.data), ptr(theirs.ctypes.data)
-        )
+        if done == 0:  # the reference could not allocate its scratch product
+            raise MemoryError("no memory for the reference product")
+        return out
+
+    def matches_openblas(self, n: int, k: int, seed: int = 0, m: int = 1) -> bool:
+        """Whether this kernel's m-row product has the bits OpenBLAS's sgemm gives those rows
+        inside a prefill (a product tall enough for its ordinary path), on random operands."""
+        import numpy as np
+
+        a, b = self._operands(m, n, k, seed)
+        mine = self._product(self._lib.skinny_gemm_compute, a, b)
+        theirs = self._product(self._lib.skinny_gemm_reference, a, b)
         return bool(np.array_equal(mine.view(np.uint32), theirs.view(np.uint32)))
+
+    def rows_independent(self, n: int, k: int, seed: int = 0) -> bool:
+        """Whether OpenBLAS gives a row the same bits in a 16-row product as in a 100-row one:
+        without that no kernel can give a decode row its prefill's bits."""
+        import numpy as np
+
+        a, b = self._operands(100, n, k, seed)
+        tall = self._product(self._lib.skinny_gemm_openblas, a, b)
+        short = self._product(self._lib.skinny_gemm_reference, np.ascontiguousarray(a[:16]), b)
+        return bool(np.array_equal(tall[:16].view(np.uint32), short.view(np.uint32)))
 
     def find_blocking(self, threads: int) -> tuple[int, int] | None:
         """sgemm's K block and split rounding on this machine, found bit-for-bit; None: no match."""
         for k_block in _BLOCKS:
             for unroll in _UNROLLS:
                 self.configure(False, k_block, unroll, threads)
-                if all(self.matches_openblas(_PROBE_N, k) for k in _PROBE_K):
+                if all(self.matches_openblas(_PROBE_N, k) for k in _PROBE_K) and all(
+                    self.matches_openblas(_PROBE_N, k, m=3) for k in _PROBE_K[:2]
+                ):
                     return k_block, unroll
         return None
 
@@ -155,6 +201,13 @@ def activate(kernel: SkinnyGemm, openblas: str, threads: int) -> SkinnyStatus:
     """Bind the real OpenBLAS, find its K blocking, and route one-row calls here if it matched."""
     if not kernel.bind(openblas):
         return SkinnyStatus(False, f"could not bind cblas_sgemm in {openblas}")
+    if not all(kernel.rows_independent(_PROBE_N, k) for k in _PROBE_K):
+        kernel.configure(False, 0, 1, 1)
+        return SkinnyStatus(
+            False,
+            "this OpenBLAS gives a row other bits depending on how many rows the product has: "
+            "left to OpenBLAS (cached and cold runs may differ in the last bits)",
+        )
     found = kernel.find_blocking(threads)
     if found is None:
         kernel.configure(False, 0, 1, 1)
@@ -165,7 +218,8 @@ def activate(kernel: SkinnyGemm, openblas: str, threads: int) -> SkinnyStatus:
     kernel.set_enabled(True)
     return SkinnyStatus(
         True,
-        f"one-row matmuls bit-identical to OpenBLAS sgemm (K block {found[0]}), {threads} threads",
+        f"decode matmuls (1-{MAX_ROWS} rows) bit-identical to OpenBLAS sgemm's prefill rows "
+        f"(K block {found[0]}), {threads} threads",
         found[0],
         threads,
         str(kernel.path),

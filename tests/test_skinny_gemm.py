@@ -1,4 +1,5 @@
-"""The decode kernel (ragcache.skinny_gemm): OpenBLAS's exact bits, taken only where proven."""
+"""The decode kernel (ragcache.skinny_gemm): the bits OpenBLAS gives a row inside a prefill, for
+decode-sized products (1-8 rows), taken only where proven."""
 
 from __future__ import annotations
 
@@ -62,15 +63,29 @@ SHAPES = [
 def test_bit_identical_to_openblas(kernel, n: int, k: int) -> None:
     assert kernel.matches_openblas(n, k, seed=1)
     assert kernel.matches_openblas(n, k, seed=2)
+    assert kernel.matches_openblas(n, k, seed=3, m=3)
+
+
+@pytest.mark.parametrize(("n", "k"), [(576, 576), (192, 576), (576, 1536), (1024, 640)])
+def test_a_decode_row_has_its_prefill_bits(kernel, n: int, k: int) -> None:
+    """What exactness needs: a row computed in a 1-8 row product (decode, a batch, a short
+    verify) has the bits of the same row inside a 64-row product (a prefill). OpenBLAS builds
+    with small-matrix kernels (SkylakeX) break this on their own for small shapes."""
+    x = mx.random.normal((64, k), key=mx.random.key(11))
+    w = mx.random.normal((n, k), key=mx.random.key(12))
+    prefill = np.array(x @ w.T).view(np.uint32)
+    for m in range(1, 9):
+        rows = np.array(x[:m] @ w.T).view(np.uint32)
+        assert np.array_equal(rows, prefill[:m]), m
 
 
 def test_a_shape_that_differs_is_left_to_openblas(kernel) -> None:
-    """With a wrong K block the first-call check sees other bits: that shape stays OpenBLAS's,
-    and the product MLX gets is OpenBLAS's."""
+    """With a wrong K block the first-call check sees other bits: that shape is refused, and the
+    product MLX gets is still the row's prefill bits (OpenBLAS's, over a padded product)."""
     x = mx.random.normal((1, 1544), key=mx.random.key(3))
     w = mx.random.normal((264, 1544), key=mx.random.key(4))
     kernel.set_enabled(False)
-    expected = np.array(x @ w.T)
+    expected = np.array((mx.concatenate([x] * 16) @ w.T)[:1])  # tall: OpenBLAS's ordinary path
     k_block, unroll = kernel.blocking
     refused = kernel.counters()["shapes_refused"]
     kernel.configure(True, k_block // 2 + 8, unroll, kernel.threads)  # not this OpenBLAS's block
@@ -96,15 +111,19 @@ def _decode_logits(model: LoadedModel, steps: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_gemma"])
-def test_decode_logits_same_bits_with_and_without(kernel, which: str, request) -> None:
+def test_decode_logits_same_bits_as_the_reference_product(kernel, which: str, request) -> None:
+    """Decode through the kernel gives the logits, bit for bit, of decode through OpenBLAS's
+    padded product (the bits the kernel must reproduce)."""
     model = request.getfixturevalue(which)
-    kernel.set_enabled(False)
-    plain = _decode_logits(model, 12)
-    kernel.set_enabled(True)
+    kernel.set_reference_only(True)
+    try:
+        reference = _decode_logits(model, 12)
+    finally:
+        kernel.set_reference_only(False)
     before = kernel.counters()["taken"]
     fast = _decode_logits(model, 12)
     assert kernel.counters()["taken"] > before  # the decode steps went through the kernel
-    assert np.array_equal(plain.view(np.uint32), fast.view(np.uint32))
+    assert np.array_equal(reference.view(np.uint32), fast.view(np.uint32))
 
 
 def _check_in_child(queue) -> None:  # type: ignore[no-untyped-def]

@@ -1,16 +1,20 @@
-/* One-row float32 GEMM for decode, bit-identical to OpenBLAS's sgemm, reading the weight once.
+/* Decode-sized float32 GEMM (1-8 rows), with the bits OpenBLAS gives those rows in a prefill,
+ * reading the weight once.
  *
- * Why: MLX's CPU backend calls cblas_sgemm for every matmul. For the one row of a decode step,
- * OpenBLAS 0.3.21 packs the whole weight into a scratch buffer on every call and then runs its
- * kernel over the copy (measured: 2.5-6x slower than a matrix-vector product). OpenBLAS's own
- * sgemv sums in another order, so a decode step would then differ in the last bits from the same
- * row computed inside a prefill or a speculative verify, and cached, speculative and cold greedy
- * runs could pick different tokens. This kernel computes each output element the way OpenBLAS's
- * sgemm kernel does: one FMA chain over k, restarted at each of sgemm's K blocks, the block sums
- * added into C in order. So a row of C has the same bits whether it was computed alone or inside
- * a 512-row prefill. The loader (ragcache/skinny_gemm.py) finds sgemm's K block on this machine
- * by probing; every new (n, k) shape is then checked against OpenBLAS on its first call, and a
- * shape that differs in any bit goes to OpenBLAS from then on.
+ * Why: MLX's CPU backend calls cblas_sgemm for every matmul. For the few rows of a decode step,
+ * OpenBLAS 0.3.21 either packs the whole weight into a scratch buffer on every call and then runs
+ * its kernel over the copy (measured: 2.5-6x slower than a matrix-vector product), or, in builds
+ * with small-matrix kernels (SkylakeX: m*n*k <= 100^3 and, for this layout, m*n <= 1200), sums in
+ * another order than its ordinary path. Either way the same row computed in a decode step and
+ * inside a prefill or a speculative verify could differ in the last bits, and cached, speculative
+ * and cold greedy runs could pick different tokens. This kernel computes each output element the
+ * way OpenBLAS's ordinary sgemm kernel does: one FMA chain over k, restarted at each of sgemm's K
+ * blocks, the block sums added into C in order. So a row of C has the same bits whether it was
+ * computed alone, in a batch of 8 or inside a 512-row prefill. The loader
+ * (ragcache/skinny_gemm.py) finds sgemm's K block on this machine by probing against a product
+ * tall enough for OpenBLAS's ordinary path; every new (n, k) shape is then checked against that
+ * reference on its first call, and a shape that differs in any bit is computed through the padded
+ * reference from then on (right bits, slower).
  *
  * It is exported as cblas_sgemm, so libmlx binds to it when this library is loaded RTLD_GLOBAL
  * before mlx.core; every call it does not take goes to the real OpenBLAS cblas_sgemm.
@@ -45,27 +49,33 @@ static int next_block(int remaining) {
   return remaining;
 }
 
-/* c[j] for j in [j0, j1) (multiples of 8) = row a times row j of b (n x k, leading dim ldb):
- * eight output columns at a time, each its own FMA chain over k, each row of b read in order. */
-static void one_row(int j0, int j1, int k, const float *a, const float *b, int ldb, float *c) {
+/* c[r][j] for r < m, j in [j0, j1) (multiples of 8) = row r of a times row j of b (n x k,
+ * leading dim ldb): eight output columns at a time, each its own FMA chain over k. The eight rows
+ * of b (8 x k floats) stay in L1 while every row of a passes over them, so b is read once. */
+static void rows_block(int m, int j0, int j1, int k, const float *a, int lda, const float *b,
+                       int ldb, float *c, int ldc) {
   for (int j = j0; j < j1; j += 8) {
     const float *p0 = b + (size_t)j * ldb, *p1 = p0 + ldb, *p2 = p1 + ldb, *p3 = p2 + ldb;
     const float *p4 = p3 + ldb, *p5 = p4 + ldb, *p6 = p5 + ldb, *p7 = p6 + ldb;
-    float o0 = 0, o1 = 0, o2 = 0, o3 = 0, o4 = 0, o5 = 0, o6 = 0, o7 = 0;
-    for (int k0 = 0; k0 < k;) {
-      int len = next_block(k - k0);
-      float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-      for (int kk = k0; kk < k0 + len; kk++) {
-        float x = a[kk];
-        s0 = fmaf(p0[kk], x, s0), s1 = fmaf(p1[kk], x, s1), s2 = fmaf(p2[kk], x, s2);
-        s3 = fmaf(p3[kk], x, s3), s4 = fmaf(p4[kk], x, s4), s5 = fmaf(p5[kk], x, s5);
-        s6 = fmaf(p6[kk], x, s6), s7 = fmaf(p7[kk], x, s7);
+    for (int r = 0; r < m; r++) {
+      const float *x_row = a + (size_t)r * lda;
+      float o0 = 0, o1 = 0, o2 = 0, o3 = 0, o4 = 0, o5 = 0, o6 = 0, o7 = 0;
+      for (int k0 = 0; k0 < k;) {
+        int len = next_block(k - k0);
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+        for (int kk = k0; kk < k0 + len; kk++) {
+          float x = x_row[kk];
+          s0 = fmaf(p0[kk], x, s0), s1 = fmaf(p1[kk], x, s1), s2 = fmaf(p2[kk], x, s2);
+          s3 = fmaf(p3[kk], x, s3), s4 = fmaf(p4[kk], x, s4), s5 = fmaf(p5[kk], x, s5);
+          s6 = fmaf(p6[kk], x, s6), s7 = fmaf(p7[kk], x, s7);
+        }
+        o0 += s0, o1 += s1, o2 += s2, o3 += s3, o4 += s4, o5 += s5, o6 += s6, o7 += s7;
+        k0 += len;
       }
-      o0 += s0, o1 += s1, o2 += s2, o3 += s3, o4 += s4, o5 += s5, o6 += s6, o7 += s7;
-      k0 += len;
+      float *out = c + (size_t)r * ldc + j;
+      out[0] = o0, out[1] = o1, out[2] = o2, out[3] = o3;
+      out[4] = o4, out[5] = o5, out[6] = o6, out[7] = o7;
     }
-    c[j] = o0, c[j + 1] = o1, c[j + 2] = o2, c[j + 3] = o3;
-    c[j + 4] = o4, c[j + 5] = o5, c[j + 6] = o6, c[j + 7] = o7;
   }
 }
 
@@ -73,7 +83,7 @@ static void one_row(int j0, int j1, int k, const float *a, const float *b, int l
  * helper spins briefly for the next call (a decode step's matmuls come back to back), then sleeps.
  * One caller at a time uses the helper; a concurrent caller computes alone. */
 typedef struct {
-  int j0, j1, k, ldb;
+  int m, j0, j1, k, lda, ldb, ldc;
   const float *a, *b;
   float *c;
 } job_t;
@@ -99,7 +109,7 @@ static void *helper_main(void *unused) {
       pthread_mutex_unlock(&mu);
     }
     __atomic_store_n(&job_ready, 0, __ATOMIC_RELAXED);
-    one_row(job.j0, job.j1, job.k, job.a, job.b, job.ldb, job.c);
+    rows_block(job.m, job.j0, job.j1, job.k, job.a, job.lda, job.b, job.ldb, job.c, job.ldc);
     __atomic_store_n(&job_done, 1, __ATOMIC_RELEASE);
   }
   return NULL;
@@ -122,29 +132,65 @@ static int ensure_helper(void) {
   return helper_started;
 }
 
-static void compute(int n, int k, const float *a, const float *b, int ldb, float *c) {
+static void compute(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
+                    float *c, int ldc) {
   if (threads < 2 || n < 256 || pthread_mutex_trylock(&helper_owner) != 0) {
-    one_row(0, n, k, a, b, ldb, c);
+    rows_block(m, 0, n, k, a, lda, b, ldb, c, ldc);
     return;
   }
   if (!ensure_helper()) {
     pthread_mutex_unlock(&helper_owner);
-    one_row(0, n, k, a, b, ldb, c);
+    rows_block(m, 0, n, k, a, lda, b, ldb, c, ldc);
     return;
   }
   int half = ((n / 2) + 7) / 8 * 8;
-  job = (job_t){half, n, k, ldb, a, b, c};
+  job = (job_t){m, half, n, k, lda, ldb, ldc, a, b, c};
   __atomic_store_n(&job_done, 0, __ATOMIC_RELAXED);
   pthread_mutex_lock(&mu);
   __atomic_store_n(&job_ready, 1, __ATOMIC_RELEASE);
   pthread_cond_signal(&cv);
   pthread_mutex_unlock(&mu);
-  one_row(0, half, k, a, b, ldb, c);
+  rows_block(m, 0, half, k, a, lda, b, ldb, c, ldc);
   while (!__atomic_load_n(&job_done, __ATOMIC_ACQUIRE)) _mm_pause();
   pthread_mutex_unlock(&helper_owner);
 }
 
-/* Shapes seen, with the verdict of their first call: 1 same bits as OpenBLAS, 2 not. */
+/* The bits a row gets inside a prefill: OpenBLAS's sgemm over enough rows that it takes its
+ * ordinary (packed) path. OpenBLAS builds with small-matrix kernels (SkylakeX in 0.3.21) send
+ * products with m*n*k <= 100^3 (and, for this layout, m*n <= 1200) to a kernel that sums in
+ * another order, so a one-row product there differs from the same row inside a 16-row one. The
+ * m rows of a are repeated down a taller scratch product and the first m rows of it kept. */
+static int reference_rows(int m, int n, int k) {
+  long rows = 16;
+  long by_size = 1000000L / ((long)n * k) + 1, by_area = 1200L / n + 1;
+  if (by_size > rows) rows = by_size;
+  if (by_area > rows) rows = by_area;
+  if (rows < m) rows = m;
+  return (int)rows;
+}
+
+static int canonical(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
+                     float *c, int ldc) {
+  int rows = reference_rows(m, n, k);
+  float *tall_a = malloc(sizeof(float) * (size_t)rows * k);
+  float *tall_c = malloc(sizeof(float) * (size_t)rows * n);
+  if (!tall_a || !tall_c) {
+    free(tall_a), free(tall_c);
+    return 0;
+  }
+  for (int r = 0; r < rows; r++) memcpy(tall_a + (size_t)r * k, a + (size_t)(r % m) * lda,
+                                        sizeof(float) * (size_t)k);
+  real_sgemm(RowMajor, NoTrans, Trans, rows, n, k, 1.0f, tall_a, k, b, ldb, 0.0f, tall_c, n);
+  for (int r = 0; r < m; r++)
+    memcpy(c + (size_t)r * ldc, tall_c + (size_t)r * n, sizeof(float) * (size_t)n);
+  free(tall_a), free(tall_c);
+  return 1;
+}
+
+/* Shapes seen, with the verdict of their first call: 1 same bits as the reference, 2 not. A
+ * shape is k with n's residue mod 64: the order of every sum depends on k alone, and the residue
+ * covers OpenBLAS's edge tiles, while attention's products (n = the context, one more each step)
+ * do not fill the table. */
 #define SHAPES 1024
 static struct {
   int n, k, verdict;
@@ -152,6 +198,7 @@ static struct {
 static pthread_mutex_t shapes_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static int verdict_for(int n, int k) {
+  n &= 63;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   for (int i = 0; i < SHAPES; i++) {
     int s = (h + i) % SHAPES;
@@ -163,6 +210,7 @@ static int verdict_for(int n, int k) {
 }
 
 static void record(int n, int k, int verdict) {
+  n &= 63;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   pthread_mutex_lock(&shapes_mu);
   for (int i = 0; i < SHAPES; i++) {
@@ -177,33 +225,48 @@ static void record(int n, int k, int verdict) {
   pthread_mutex_unlock(&shapes_mu);
 }
 
-/* The case a decode step produces: row-major C (1 x n) = A (1 x k) * B^T with B stored n x k
- * (an MLX Linear weight), alpha 1, beta 0. Anything else is OpenBLAS's. */
+/* The calls decode, speculative verifies and small batches make: row-major C (m x n) = A (m x k)
+ * * B^T with B stored n x k (an MLX Linear weight), m <= MAX_ROWS, alpha 1, beta 0. Anything else
+ * is OpenBLAS's. `reference_only` computes those calls through the padded OpenBLAS product
+ * instead of this kernel (the bits this kernel must reproduce; for tests). */
+#define MAX_ROWS 8
+static int reference_only = 0;
+
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   int verdict;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
-  if (!(enabled && order == RowMajor && ta == NoTrans && tb == Trans && m == 1 && k > 0 &&
-        n >= 8 && n % 8 == 0 && alpha == 1.0f && beta == 0.0f) ||
-      (verdict = verdict_for(n, k)) == 2) {
+  if (!(enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
+        m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f && beta == 0.0f)) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  (void)ldc;
-  if (verdict == 0) { /* first call of this shape: both ways, keep OpenBLAS's, compare */
-    float *mine = malloc(sizeof(float) * (size_t)n);
-    real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    if (!mine) return;
-    compute(n, k, a, b, ldb, mine);
-    int same = memcmp(mine, c, sizeof(float) * (size_t)n) == 0;
+  verdict = reference_only ? 2 : verdict_for(n, k);
+  if (verdict == 2) { /* refused shape: the padded product gives the prefill's bits, slower */
+    __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
+    if (!canonical(m, n, k, a, lda, b, ldb, c, ldc))
+      real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (verdict == 0) { /* first call of this shape: both ways, keep the reference, compare */
+    float *mine = malloc(sizeof(float) * (size_t)m * n);
+    if (!mine || !canonical(m, n, k, a, lda, b, ldb, c, ldc)) {
+      free(mine);
+      real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+    compute(m, n, k, a, lda, b, ldb, mine, n);
+    int same = 1;
+    for (int r = 0; r < m && same; r++)
+      same = memcmp(mine + (size_t)r * n, c + (size_t)r * ldc, sizeof(float) * (size_t)n) == 0;
     free(mine);
     record(n, k, same ? 1 : 2);
     if (!same) __atomic_add_fetch(&shapes_refused, 1, __ATOMIC_RELAXED);
     return;
   }
   __atomic_add_fetch(&calls_taken, 1, __ATOMIC_RELAXED);
-  compute(n, k, a, b, ldb, c);
+  compute(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 /* Binds the real sgemm of the OpenBLAS at `path`. 0 on success. */
@@ -223,13 +286,18 @@ void skinny_gemm_configure(int on, int q, int unroll, int n_threads) {
   enabled = on && real_sgemm != NULL && k_block > 0;
 }
 
-/* This kernel's result and OpenBLAS's for the same operands (for the loader's probe). */
-void skinny_gemm_compute(int n, int k, const float *a, const float *b, float *c) {
-  compute(n, k, a, b, k, c);
+/* This kernel's m rows and the reference's for the same operands (for the loader's probe). */
+void skinny_gemm_compute(int m, int n, int k, const float *a, const float *b, float *c) {
+  compute(m, n, k, a, k, b, k, c, n);
 }
-void skinny_gemm_reference(int n, int k, const float *a, const float *b, float *c) {
-  real_sgemm(RowMajor, NoTrans, Trans, 1, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
+int skinny_gemm_reference(int m, int n, int k, const float *a, const float *b, float *c) {
+  return canonical(m, n, k, a, k, b, k, c, n);
 }
+/* OpenBLAS's own product, exactly as asked (m rows), bypassing this kernel. */
+void skinny_gemm_openblas(int m, int n, int k, const float *a, const float *b, float *c) {
+  real_sgemm(RowMajor, NoTrans, Trans, m, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
+}
+void skinny_gemm_reference_only(int on) { reference_only = on; }
 
 /* 0: calls taken, 1: calls passed to OpenBLAS, 2: shapes refused by their first-call check. */
 long skinny_gemm_counter(int which) {
