@@ -4,19 +4,21 @@ the tokens greedy decoding gives (alone or batched, with or without the prefix c
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ragcache.cache import CacheSettings, PrefixCache
-from ragcache.engine import Completion, Engine
+from ragcache.engine import Completion, Engine, TextDelta
 from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
 from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
+from ragcache.settings import GenerationSettings
 
 
 # -- the index, pure ---------------------------------------------------------------------------
@@ -138,8 +140,48 @@ def test_requests_that_batch_together_get_their_solo_tokens(tiny_llama: LoadedMo
     try:
         params = SamplingParams(max_tokens=40, stop_loops=False)
         # the first one starts alone (speculating), the others join it mid-answer
+        first = worker.submit(prompts[0], params)
+        first_events = first.events(timeout=60)
+        assert isinstance(next(first_events), TextDelta)
+        tickets = [worker.submit(p, params) for p in prompts[1:]]
+        done = [next(e for e in first_events if isinstance(e, Completion))]
+        done += [
+            next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets
+        ]
+        assert [d.tokens for d in done] == expected
+        assert done[0].stats.decode_steps > 0  # it did speculate before the others joined
+    finally:
+        worker.stop()
+
+
+def test_requests_arriving_together_decode_as_one_batch_from_the_start(
+    tiny_llama: LoadedModel,
+) -> None:
+    """A short prompt that finishes its prefill while longer ones are still prefilling does not
+    start speculating alone only to be merged back a few steps later: it decodes in the batch
+    (speculation's merge made 8 concurrent requests 0.88x as fast as with it off)."""
+    prompts = [repetitive_prompt(0)] + [repetitive_prompt(s, 600) for s in range(1, 4)]
+    settings = GenerationSettings(prefill_step_size=32)  # the long ones prefill in ~19 steps
+    solo = Engine(tiny_llama, settings)
+    expected = [run(solo, p, "off").tokens for p in prompts]
+    solo.close()
+    worker = ModelWorker(Engine(tiny_llama, settings), WorkerSettings(max_batch=4)).start()
+    try:
+        entered, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the worker waits between steps until every request is queued
+            entered.set()
+            release.wait(30)
+
+        held = threading.Thread(target=worker.call, args=(hold,))
+        held.start()
+        assert entered.wait(30)
+        params = SamplingParams(max_tokens=40, stop_loops=False)
         tickets = [worker.submit(p, params) for p in prompts]
+        release.set()
+        held.join()
         done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
         assert [d.tokens for d in done] == expected
+        assert all(d.stats.decode_steps == 0 for d in done)  # no speculative steps alone
     finally:
         worker.stop()

@@ -356,7 +356,7 @@ class ModelWorker:
         failpoints.hit("worker.join_batch")
         if self._solo is not None:  # company: the speculating sequence joins the batch too
             self._merge_solo()
-        elif not self._by_uid and self._speculates(seq):
+        elif not self._by_uid and self._alone(seq) and self._speculates(seq):
             try:
                 self._go_solo(seq)
             except Exception as exc:  # this request fails, not the worker
@@ -379,6 +379,13 @@ class ModelWorker:
         self._by_uid[uid] = seq
 
     # -- speculative decoding of a sequence alone ----------------------------------------------
+    def _alone(self, seq: Sequence) -> bool:
+        """Nothing else is prefilling or queued. Requests that arrive together would otherwise
+        start with the first one speculating for a few steps and then pay for merging it into
+        the batch (8 at once measured 0.88x the speed without speculation); they decode as one
+        batch from the start instead, as with speculation off."""
+        return self._active == [seq] and self._inbox.empty()
+
     def _speculates(self, seq: Sequence) -> bool:
         # Caches without a token offset (recurrent state) cannot be cut back or handed over.
         offsets = all(isinstance(getattr(c, "offset", None), int) for c in seq.prompt_cache)
