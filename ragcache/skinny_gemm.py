@@ -1,4 +1,4 @@
-"""Decode steps' matmuls (1-8 rows) at memory speed, with the bits of a prefill's rows.
+"""Decode steps' matmuls at memory speed, with the bits of a prefill's rows.
 
 A decode step multiplies one row (a batch: a few rows) by every weight matrix. MLX's CPU backend
 hands each of those to `cblas_sgemm`. OpenBLAS 0.3.21 then either packs the whole weight into a
@@ -8,7 +8,7 @@ its SkylakeX build, sends small products to a small-matrix kernel that sums in a
 its ordinary path. ragcache's promise is that cached, speculative and cold greedy runs give the
 same tokens: a decode row must have the same bits as that row computed inside a prefill or a
 speculative verify (many rows, OpenBLAS's ordinary sgemm). So `native/skinny_gemm.c` computes
-products of up to 8 rows in the ordinary path's own order (an FMA chain per output, restarted at
+one-row products, and small ones (m*n*k <= 100^3) of up to 8 rows, in the ordinary path's own order (an FMA chain per output, restarted at
 each of sgemm's K blocks) on two threads, and takes only calls where that is proven:
 
 - the K block is found by probing this machine's OpenBLAS (bit-for-bit on several K, against a
@@ -218,7 +218,8 @@ def activate(kernel: SkinnyGemm, openblas: str, threads: int) -> SkinnyStatus:
     kernel.set_enabled(True)
     return SkinnyStatus(
         True,
-        f"decode matmuls (1-{MAX_ROWS} rows) bit-identical to OpenBLAS sgemm's prefill rows "
+        f"decode matmuls (one row; up to {MAX_ROWS} in small products) bit-identical to "
+        "OpenBLAS sgemm's prefill rows "
         f"(K block {found[0]}), {threads} threads",
         found[0],
         threads,

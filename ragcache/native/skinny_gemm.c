@@ -226,10 +226,15 @@ static void record(int n, int k, int verdict) {
 }
 
 /* The calls decode, speculative verifies and small batches make: row-major C (m x n) = A (m x k)
- * * B^T with B stored n x k (an MLX Linear weight), m <= MAX_ROWS, alpha 1, beta 0. Anything else
- * is OpenBLAS's. `reference_only` computes those calls through the padded OpenBLAS product
+ * * B^T with B stored n x k (an MLX Linear weight), one row, or up to MAX_ROWS rows in a small
+ * product, alpha 1, beta 0. Anything else is OpenBLAS's. `reference_only` computes those calls through the padded OpenBLAS product
  * instead of this kernel (the bits this kernel must reproduce; for tests). */
 #define MAX_ROWS 8
+/* Products of 2-8 rows are taken only up to this size (m*n*k), where OpenBLAS may use its
+ * small-matrix kernel; above it OpenBLAS's ordinary path has the reference bits itself and its
+ * packed kernel is faster than this one's scalar FMA chains (a speculative verify of 8 rows over
+ * every weight measured slower here). */
+#define SMALL_PRODUCT 1000000L
 static int reference_only = 0;
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
@@ -237,7 +242,8 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
   int verdict;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
   if (!(enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
-        m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f && beta == 0.0f)) {
+        m <= MAX_ROWS && (m == 1 || (long)m * n * k <= SMALL_PRODUCT) && k > 0 && n >= 8 &&
+        n % 8 == 0 && alpha == 1.0f && beta == 0.0f)) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
