@@ -33,6 +33,7 @@ class DoctorReport:
     model_prepared: bool
     model_quantization: str
     free_memory_bytes: int
+    attention: str = ""  # which softmax long attention uses, and why
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
 
@@ -63,8 +64,13 @@ def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
 def run_doctor(settings: Settings) -> DoctorReport:
     import mlx.core as mx
 
+    from ragcache import attention
+
     status = blas_status()
     gflops = measure_gemm_gflops()
+    fast, why = attention.available()
+    if not settings.blas.fast_softmax:
+        fast, why = False, "RAGCACHE_FAST_SOFTMAX=0: MLX's own softmax"
     name = settings.model.name
     quant = settings.model.quant
     if name in EMBEDDED_MODELS:
@@ -88,6 +94,7 @@ def run_doctor(settings: Settings) -> DoctorReport:
         model_prepared=prepared,
         model_quantization=quantization,
         free_memory_bytes=free_memory_bytes(),
+        attention=f"{'fast' if fast else 'mlx'}: {why}",
     )
     if not status.optimized and sys.platform.startswith("linux"):
         report.problems.append(f"MLX runs on the reference BLAS: {status.reason}")
@@ -117,6 +124,7 @@ def format_report(report: DoctorReport) -> str:
         f"blas          {b['name']} {b['library'] or ''} core={b['core_type'] or '-'} "
         f"({b['core_type_source'] or '-'}): {b['reason']}",
         f"decode gemm   {'on' if b['skinny_gemm'] else 'off'}: {b['skinny_gemm_reason'] or '-'}",
+        f"attention     {report.attention}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "
         f"({'ready' if report.model_prepared else 'not prepared'})",

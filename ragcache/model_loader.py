@@ -59,9 +59,12 @@ def resolve_model_path(spec: str, home: Path, quant: str = "none") -> Path | str
     )
 
 
-def model_identity(path: Path | None, spec: str) -> str:
-    """A short stable hash of what determines a model's KV values."""
+def model_identity(path: Path | None, spec: str, numerics: str = "") -> str:
+    """A short stable hash of what determines a model's KV values (`numerics`: how they are
+    computed, where that differs from MLX's own kernels)."""
     digest = hashlib.sha256(spec.encode())
+    if numerics:
+        digest.update(numerics.encode())
     if path is not None:
         for name in ("config.json", MANIFEST, "tokenizer.json", "tokenizer_config.json"):
             f = path / name
@@ -89,6 +92,9 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     such as the HTTP front of Ray Serve replicas."""
     from mlx_lm import load
 
+    from ragcache import attention
+    from ragcache.settings import read_blas_settings
+
     target = resolve_model_path(spec, home, quant)
     try:
         model, tokenizer, config = load(str(target), return_config=True, lazy=lazy)  # type: ignore[misc]
@@ -98,12 +104,16 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
             hint="check the folder or hub id, or use an embedded model such as smollm2-135m-instruct",
         ) from exc
     path = target if isinstance(target, Path) else None
+    # Cached KV computed with one attention must not be restored under the other.
+    if read_blas_settings().fast_softmax:
+        attention.install(model)
+    numerics = attention.TAG if attention.routes(model) else ""
     return LoadedModel(
         name=spec,
         path=path,
         model=model,
         tokenizer=tokenizer,
-        identity=model_identity(path, spec),
+        identity=model_identity(path, spec, numerics),
         chat=bool(getattr(tokenizer, "chat_template", None)),
         context_length=int(
             config.get("max_position_embeddings")

@@ -37,6 +37,9 @@ class BlasSettings:
     # Decode steps' one-row matmuls through ragcache's own kernel (ragcache/skinny_gemm.py),
     # bit-identical to OpenBLAS's sgemm and ~2x faster on them; off: every matmul is OpenBLAS's.
     skinny_gemm: bool = True
+    # Attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own exp is
+    # scalar there and took ~60% of a long prefill; off: MLX's attention, unchanged.
+    fast_softmax: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_BLAS": ("blas", "mode"),
     "RAGCACHE_BLAS_LIBRARY": ("blas", "library"),
     "RAGCACHE_SKINNY_GEMM": ("blas", "skinny_gemm"),
+    "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
     "RAGCACHE_MODEL": ("model", "name"),
     "RAGCACHE_QUANT": ("model", "quant"),
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
@@ -148,5 +152,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         library=environ.get("RAGCACHE_BLAS_LIBRARY", ""),
         # Lenient here (import time must not fail); load_settings rejects a bad value loudly.
         skinny_gemm=environ.get("RAGCACHE_SKINNY_GEMM", "1").lower()
+        not in {"0", "false", "no", "off"},
+        fast_softmax=environ.get("RAGCACHE_FAST_SOFTMAX", "1").lower()
         not in {"0", "false", "no", "off"},
     )

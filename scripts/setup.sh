@@ -38,6 +38,19 @@ if [[ "$(uname -s)" == Linux ]]; then
       echo "warning: no apt-get or dnf: install a C compiler for the faster decode kernel" >&2
     fi
   fi
+  # MLX's CPU compiler runs g++: ragcache's attention fuses its softmax's exp with it
+  # (ragcache/attention.py); without g++ long prefills keep MLX's slower scalar exp.
+  if ! command -v g++ >/dev/null; then
+    log "installing g++ (for MLX's CPU compiler)"
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    if command -v apt-get >/dev/null; then
+      $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+    elif command -v dnf >/dev/null; then
+      $SUDO dnf install -y -q gcc-c++
+    else
+      echo "warning: no apt-get or dnf: install g++ for faster long prefills" >&2
+    fi
+  fi
   # The web page's tests drive the system Chromium headless (Playwright's own browser download
   # needs a network these machines do not have).
   if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
