@@ -70,7 +70,7 @@ def measure(name: str, lengths: list[int], reps: int) -> list[dict[str, Any]]:
         tokens = [1] + [int(t) for t in rng.integers(100, vocab, n - 1)]
         best = {True: float("inf"), False: float("inf")}
         last: dict[bool, np.ndarray] = {}
-        prefill(loaded.model, tokens[:64])  # warm: compile, allocate
+        prefill(loaded.model, tokens[:STEP])  # warm: trace and compile the fast path, allocate
         for _ in range(reps):
             for fast in (False, True):
                 use(layers, fast)

@@ -13,22 +13,28 @@ mask, a float32 softmax over each row. Decode-sized calls keep MLX's attention a
 `install` routes a loaded model's attention layers here (their `__call__`, bound to this instead
 of mlx-lm's `scaled_dot_product_attention`; nothing else in the process changes), on CPU only
 and only where MLX's JIT has a C++ compiler. Every
-path (prefill, decode, speculative verify, batches) then computes attention the same way, so
-cached, speculative and cold runs stay consistent; a model's cache identity includes `TAG`, so
+prefill step takes it (cold and cached runs prefill in the same steps, so they agree), decode,
+batches and speculative verifies keep MLX's attention bit for bit; a model's cache identity
+includes `TAG`, so
 KV computed one way is never restored into a process computing it the other way.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
 import types
 from typing import Any
 
 import mlx.core as mx
 
 TAG = "attention=poly-exp-1"  # part of the cache identity of a model that uses it
-# Below this many scores a call keeps MLX's softmax: the extra ops cost more than the exps save
-# (decode got ~10% slower with it), and decode, batches and verifies stay exactly as they were.
+# A call takes this path only with at least MIN_QUERY_ROWS queries per sequence and MIN_SCORES
+# scores per sequence: a prefill step. Both depend only on the step's own length and context, so
+# a cold run and a cached one (whose steps are aligned at the cache's capture points) choose alike;
+# decode (1 row), batches of decodes and speculative verifies (at most 33 rows: max_draft <= 32)
+# always keep MLX's attention, and small calls gain nothing (decode got ~10% slower with it).
+MIN_QUERY_ROWS = 64
 MIN_SCORES = 1 << 18
 
 _ROUND = 12582912.0  # 1.5 * 2**23: adding then subtracting it rounds a float to an integer
@@ -81,11 +87,12 @@ def attention(
     sinks: mx.array | None = None,
 ) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention`, computed as MLX's CPU fallback does but for the
-    softmax. Decode-sized products (fewer than `MIN_SCORES` scores: a decode step, a batch, a
-    speculative verify), quantized caches and attention sinks go to mlx-lm's own unchanged."""
+    softmax, for prefill steps (`MIN_QUERY_ROWS`, `MIN_SCORES`). Decode steps, batches of them,
+    speculative verifies, quantized caches and attention sinks go to mlx-lm's own unchanged."""
     B, n_heads, L, D = queries.shape
     n_kv, S = keys.shape[1], keys.shape[-2]
-    if sinks is not None or hasattr(cache, "bits") or B * n_heads * L * S < MIN_SCORES:
+    small = L < MIN_QUERY_ROWS or n_heads * L * S < MIN_SCORES
+    if small or sinks is not None or hasattr(cache, "bits"):
         return _ORIGINAL(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     repeats = n_heads // n_kv
     q, k, v = queries * mx.array(scale, queries.dtype), keys, values
@@ -95,10 +102,11 @@ def attention(
     scores = q @ k.swapaxes(-1, -2)
     if isinstance(mask, str):  # "causal": query i sees keys up to its own position
         mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-    elif mask is not None:
-        mask = mx.broadcast_to(mask, (B, n_heads, L, S))
-        if repeats > 1:
-            mask = mask.reshape(B, n_kv, repeats, L, S)
+    elif mask is not None and repeats > 1 and mask.ndim >= 3:  # as MLX's fallback: no copy
+        if mask.shape[-3] == 1:
+            mask = mx.expand_dims(mask, -3)
+        else:
+            mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, L, S)
     if mask is not None:
         if mask.dtype == mx.bool_:
             lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
@@ -106,7 +114,7 @@ def attention(
         else:
             scores = scores + mask.astype(scores.dtype)
     out = softmax_rows(scores) @ v
-    return out.reshape(B, n_heads, L, D) if repeats > 1 else out
+    return out.reshape(B, n_heads, L, values.shape[-1]) if repeats > 1 else out
 
 
 def _original() -> Any:
@@ -148,11 +156,17 @@ def routes(model: Any) -> bool:
 
 
 _ROUTED: dict[type, type] = {}
+_ROUTING = threading.Lock()  # two models loading at once must share one subclass per class
 
 
 def _routed_class(cls: type) -> type | None:
     if cls in _ROUTED.values():
         return cls
+    with _ROUTING:
+        return _routed_class_locked(cls)
+
+
+def _routed_class_locked(cls: type) -> type | None:
     if cls not in _ROUTED:
         call = cls.__call__
         code = getattr(call, "__code__", None)
@@ -160,6 +174,7 @@ def _routed_class(cls: type) -> type | None:
             return None
         if _NAME not in code.co_names:
             return None
+        # A snapshot of the module's globals: later rebinding of a module global is not seen.
         namespace = dict(call.__globals__, **{_NAME: attention})
         rebound = types.FunctionType(
             code, namespace, call.__name__, call.__defaults__, call.__closure__

@@ -17,7 +17,10 @@ each of sgemm's K blocks) on two threads, and takes only calls where that is pro
   it and the kernel stays off (seen: Haswell kernels forced onto an AVX-512 AMD machine);
 - every new (n, k) shape is computed both ways on its first call; one that differs in any bit is
   computed through the padded reference product from then on;
-- everything else (prefill, attention, any other caller) goes to OpenBLAS unchanged.
+- everything else (prefill, most of attention, any other caller) goes to OpenBLAS unchanged; a
+  decode step's attention scores (q times the keys, n = the context) are taken like a weight
+  when the context is a multiple of 8, and keep their own order otherwise: attention was never
+  bit-identical between decode and prefill (its sums over the context are split by length).
 
 The library is compiled once per source version with the system C compiler into
 `$RAGCACHE_HOME/native/` and loaded RTLD_GLOBAL before OpenBLAS and mlx.core, so libmlx binds its

@@ -29,6 +29,7 @@ def _close(ours: mx.array, theirs: mx.array) -> None:
 @pytest.fixture()
 def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "MIN_SCORES", 0)  # small shapes take the fast path too
+    monkeypatch.setattr(attention, "MIN_QUERY_ROWS", 0)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (9, 3)])
@@ -79,9 +80,20 @@ def test_only_the_loaded_model_is_routed(tiny_llama: LoadedModel) -> None:
 
     assert llama.scaled_dot_product_attention is scaled_dot_product_attention
     plain = llama.Model(tiny_llama.model.args)
+    plain.update(tiny_llama.model.parameters())
     assert not attention.routes(plain)
+    x = mx.array([[1, *range(5, 600)]])  # a 600-token prefill: the fast path
+    ours, theirs = np.array(tiny_llama.model(x)), np.array(plain(x))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(ours, theirs)  # the routed model did take its own path
     attention.install(plain)
     assert attention.routes(plain)
-    x = mx.array([[1, *range(5, 600)]])  # long enough for the fast path: 600 x 600 scores
-    plain.update(tiny_llama.model.parameters())
-    np.testing.assert_allclose(np.array(plain(x)), np.array(tiny_llama.model(x)), rtol=0, atol=0)
+    assert np.array_equal(np.array(plain(x)), ours)
+
+
+def test_decode_steps_batches_and_verifies_keep_mlx_attention() -> None:
+    for L in (1, 9, 33, 63):  # a decode step, verifies up to max_draft 32, a short prefill step
+        q, k, v = _qkv(9, 3, L, 4000, seed=L)  # long context: many scores
+        ours = attention.attention(q, k, v, None, scale=0.25, mask=None)
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
+        assert np.array_equal(np.array(ours).view(np.uint32), np.array(theirs).view(np.uint32))

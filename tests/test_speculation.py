@@ -53,7 +53,12 @@ def test_draft_length_adapts_and_bad_settings_are_refused() -> None:
     assert length.value == 6
     length.update(6, 1)
     assert length.value == 5
-    for bad in (LookupSettings(max_draft=0), LookupSettings(min_ngram=3, max_ngram=2)):
+    bad_settings = (
+        LookupSettings(max_draft=0),
+        LookupSettings(max_draft=33),
+        LookupSettings(min_ngram=3, max_ngram=2),
+    )
+    for bad in bad_settings:
         with pytest.raises(ConfigError):
             bad.validate()
     with pytest.raises(InvalidRequestError, match="speculation"):
@@ -183,5 +188,17 @@ def test_requests_arriving_together_decode_as_one_batch_from_the_start(
         done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
         assert [d.tokens for d in done] == expected
         assert all(d.stats.decode_steps == 0 for d in done)  # no speculative steps alone
+    finally:
+        worker.stop()
+
+
+def test_with_one_slot_a_request_speculates_though_others_wait(tiny_llama: LoadedModel) -> None:
+    """With max_batch 1 nothing can ever batch with it: the queue is no reason to decode plainly."""
+    worker = ModelWorker(Engine(tiny_llama), WorkerSettings(max_batch=1)).start()
+    try:
+        params = SamplingParams(max_tokens=20, stop_loops=False)
+        tickets = [worker.submit(repetitive_prompt(s), params) for s in range(3)]
+        done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
+        assert all(d.stats.decode_steps > 0 for d in done)
     finally:
         worker.stop()

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from ragcache.errors import ConfigError
 
+# The longest draft: a verify of more than 33 rows costs more than it saves on CPU, and up to that
+# many query rows attention keeps MLX's own softmax, as decode does (ragcache.attention).
+MAX_DRAFT = 32
+
 
 @dataclass(frozen=True)
 class LookupSettings:
@@ -31,6 +35,11 @@ class LookupSettings:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ConfigError(
                 f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}"
+            )
+        if self.max_draft > MAX_DRAFT:
+            raise ConfigError(
+                f"max_draft {self.max_draft} is above {MAX_DRAFT}: a verify that long costs more "
+                "than it can save (and long prefill attention is computed differently)"
             )
         if self.max_draft < 1 or self.initial_draft < 1:
             raise ConfigError(

@@ -384,7 +384,8 @@ class ModelWorker:
         start with the first one speculating for a few steps and then pay for merging it into
         the batch (8 at once measured 0.88x the speed without speculation); they decode as one
         batch from the start instead, as with speculation off."""
-        return self._active == [seq] and self._inbox.empty()
+        alone_can_batch = self.settings.max_batch > 1  # with one slot nothing ever joins it
+        return self._active == [seq] and (self._inbox.empty() or not alone_can_batch)
 
     def _speculates(self, seq: Sequence) -> bool:
         # Caches without a token offset (recurrent state) cannot be cut back or handed over.
