@@ -5,8 +5,9 @@ MLX's CPU backend computes exp one element at a time (its SIMD layer has width 1
 the softmax took ~60% of the prefill. Here the exp is the Cephes polynomial MLX itself uses (2^i
 from exponent bits times a degree-6 polynomial of the fraction), written as plain arithmetic in
 one `mx.compile`d function, which MLX's CPU JIT turns into a single C++ loop the compiler can
-vectorize: prefill 1.06-1.22x faster on the embedded models at 512-2048 tokens
-(`benchmarks/prefill.py`; the softmax alone 2.5x on 9x512x1400 scores at best). Everything
+vectorize: prefill 0.98-1.37x on the embedded models at 512-2048 tokens, faster in 11 of 12
+measurements (`benchmarks/prefill.py`, two runs; its whole-array passes go to memory at 2048
+keys, where MLX's row-by-row softmax stays in cache). Everything
 else is MLX's own fallback attention, op for op: grouped heads by broadcast, the causal or given
 mask, a float32 softmax over each row. Decode-sized calls keep MLX's attention as it is.
 
