@@ -7,17 +7,16 @@ from exponent bits times a degree-6 polynomial of the fraction), written as plai
 one `mx.compile`d function, which MLX's CPU JIT turns into a single C++ loop the compiler can
 vectorize: prefill 0.98-1.37x on the embedded models at 512-2048 tokens, faster in 11 of 12
 measurements (`benchmarks/prefill.py`, two runs; its whole-array passes go to memory at 2048
-keys, where MLX's row-by-row softmax stays in cache). Everything
-else is MLX's own fallback attention, op for op: grouped heads by broadcast, the causal or given
-mask, a float32 softmax over each row. Decode-sized calls keep MLX's attention as it is.
+keys, where MLX's row-by-row softmax stays in cache). Everything else is MLX's own fallback
+attention, op for op: grouped heads by broadcast, the causal or given mask, a float32 softmax
+over each row.
 
 `install` routes a loaded model's attention layers here (their `__call__`, bound to this instead
 of mlx-lm's `scaled_dot_product_attention`; nothing else in the process changes), on CPU only
-and only where MLX's JIT has a C++ compiler. Every
-prefill step takes it (cold and cached runs prefill in the same steps, so they agree), decode,
-batches and speculative verifies keep MLX's attention bit for bit; a model's cache identity
-includes `TAG`, so
-KV computed one way is never restored into a process computing it the other way.
+and only where MLX's JIT has a C++ compiler. Every prefill step takes it (cold and cached runs
+prefill in the same steps, so they agree); decode, batches and speculative verifies keep MLX's
+attention bit for bit. A model's cache identity includes `TAG`, so KV computed one way is never
+restored into a process computing it the other way.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import types
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention as _ORIGINAL
 
 TAG = "attention=poly-exp-1"  # part of the cache identity of a model that uses it
 # A call takes this path only with at least MIN_QUERY_ROWS queries per sequence and MIN_SCORES
@@ -118,15 +118,6 @@ def attention(
     return out.reshape(B, n_heads, L, values.shape[-1]) if repeats > 1 else out
 
 
-def _original() -> Any:
-    from mlx_lm.models.base import scaled_dot_product_attention
-
-    return scaled_dot_product_attention
-
-
-_ORIGINAL = _original()
-
-
 def available() -> tuple[bool, str]:
     """Whether `install` would put it in, and why (not)."""
     if mx.default_device().type != mx.cpu:
@@ -156,35 +147,33 @@ def routes(model: Any) -> bool:
     return any(type(layer) in _ROUTED.values() for layer in model.modules())
 
 
-_ROUTED: dict[type, type] = {}
+_NAME = "scaled_dot_product_attention"
+_ROUTED: dict[type, type] = {}  # mlx-lm's class -> its routed subclass
 _ROUTING = threading.Lock()  # two models loading at once must share one subclass per class
 
 
 def _routed_class(cls: type) -> type | None:
-    if cls in _ROUTED.values():
-        return cls
+    """`cls`'s routed subclass (made on first use), `cls` itself if it is one, or None when its
+    `__call__` does not use mlx-lm's attention."""
     with _ROUTING:
-        return _routed_class_locked(cls)
-
-
-def _routed_class_locked(cls: type) -> type | None:
-    if cls not in _ROUTED:
-        call = cls.__call__
-        code = getattr(call, "__code__", None)
-        if code is None or getattr(call, "__globals__", {}).get(_NAME) is not _ORIGINAL:
-            return None
-        if _NAME not in code.co_names:
-            return None
-        # A snapshot of the module's globals: later rebinding of a module global is not seen.
-        namespace = dict(call.__globals__, **{_NAME: attention})
-        rebound = types.FunctionType(
-            code, namespace, call.__name__, call.__defaults__, call.__closure__
-        )
-        rebound.__kwdefaults__ = call.__kwdefaults__
-        _ROUTED[cls] = type(
-            cls.__name__, (cls,), {"__call__": rebound, "__module__": cls.__module__}
-        )
-    return _ROUTED[cls]
-
-
-_NAME = "scaled_dot_product_attention"
+        if cls in _ROUTED.values():
+            return cls
+        if cls not in _ROUTED:
+            call = cls.__call__
+            code = getattr(call, "__code__", None)
+            if (
+                code is None
+                or _NAME not in code.co_names
+                or call.__globals__.get(_NAME) is not _ORIGINAL
+            ):
+                return None
+            # A snapshot of the module's globals: later rebinding of a module global is not seen.
+            namespace = dict(call.__globals__, **{_NAME: attention})
+            rebound = types.FunctionType(
+                code, namespace, call.__name__, call.__defaults__, call.__closure__
+            )
+            rebound.__kwdefaults__ = call.__kwdefaults__
+            _ROUTED[cls] = type(
+                cls.__name__, (cls,), {"__call__": rebound, "__module__": cls.__module__}
+            )
+        return _ROUTED[cls]

@@ -8,8 +8,9 @@ its SkylakeX build, sends small products to a small-matrix kernel that sums in a
 its ordinary path. ragcache's promise is that cached, speculative and cold greedy runs give the
 same tokens: a decode row must have the same bits as that row computed inside a prefill or a
 speculative verify (many rows, OpenBLAS's ordinary sgemm). So `native/skinny_gemm.c` computes
-one-row products, and small ones (m*n*k <= 100^3) of up to 8 rows, in the ordinary path's own order (an FMA chain per output, restarted at
-each of sgemm's K blocks) on two threads, and takes only calls where that is proven:
+one-row products, and small ones (m*n*k <= 100^3) of up to 8 rows, in the ordinary path's own
+order (an FMA chain per output, restarted at each of sgemm's K blocks) on two threads, and takes
+only calls where that is proven:
 
 - the K block is found by probing this machine's OpenBLAS (bit-for-bit on several K, against a
   product tall enough for its ordinary path);
