@@ -17,6 +17,7 @@ import numpy as np
 from ragcache.sentences import (
     Sentence,
     content_words,
+    defined_terms,
     idf_weights,
     split_sentences,
     weighted_recall,
@@ -82,6 +83,7 @@ class _Entry:
     index: int  # position among its passage's sentences
     words: list[str]
     context_words: list[str]
+    term: str = ""  # the term the sentence's paragraph defines (`sentences.defined_terms`)
 
 
 @dataclass
@@ -102,9 +104,10 @@ class EvidenceIndex:
             bags = [content_words(s.text) for s in sentences]
             own: list[_Entry] = []
             c = self.settings.context_sentences
+            terms = defined_terms(sentences)
             for i, (s, bag) in enumerate(zip(sentences, bags, strict=True)):
                 around = [w for b in bags[max(0, i - c) : i + c + 1] for w in b]
-                own.append(_Entry(passage, p, rank, s, i, bag, around))
+                own.append(_Entry(passage, p, rank, s, i, bag, around, terms[i]))
             self.by_passage.append(own)
             self.entries.extend(own)
         self.idf = idf_weights([e.words for e in self.entries]) if self.entries else {}

@@ -4,7 +4,9 @@ For a short factual question the sentence that states the fact is often the best
 model can give, and it is cited to the character. The best-scoring sentence is taken with the
 lead-in it needs to make sense (the definition-list term above it, e.g. the option name, or the
 previous sentence when it is very short) and the sentences that continue its paragraph, up to a
-length budget.
+length budget. In a reference entry (a term line such as `pack.window` with its description) each
+sentence of the description is evidence for the term, so "Defaults to 10." answers a question
+about `pack.window` and not one about `pack.windowMemory`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class ExtractSettings:
     # sentence deep inside that happens to share its words. A label line (a NAME line) is not
     # favoured: see _is_prose.
     lead_weight: float = 1.0
+    # A sentence of the entry that defines a name the question asks about (the description
+    # under the term line `pack.window`, not under `pack.windowMemory`) is evidence for it,
+    # and counts toward the answer's confidence.
+    defined_name_weight: float = 0.1
     max_sentences: int = 3  # the answering sentence and what continues its paragraph
     # A later sentence of the same definition (up to the next term line) that scores at least
     # this for the question is quoted too, after an ellipsis: "The default is initial." ends a
@@ -99,6 +105,8 @@ def extract_answer(
     if not index.entries:
         return None
     base = index.scores(question, question_vector, s.lexical_weight)
+    if s.defined_name_weight:
+        base = np.minimum(1.0, base + s.defined_name_weight * defines_asked_name(question, index))
     prior = np.array([s.rank_weight / (1 + e.rank) for e in index.entries], dtype=np.float32)
     if s.passage_weight:
         prior += s.passage_weight * _passage_scores(index, base)
@@ -147,6 +155,17 @@ def extract_answer(
     subject = _subject(entry.passage.title, quote.text)
     unknown = unknown_names(question, "\n".join(p.text for p in index.passages))
     return Extraction(quote, confidence, subject, unknown, more)
+
+
+def defines_asked_name(question: str, index: EvidenceIndex) -> np.ndarray:
+    """Per sentence: 1.0 when its entry's term is one of the names the question uses."""
+    asked = {n.lower() for n in identifiers(question)}
+    if not asked:
+        return np.zeros(len(index.entries), dtype=np.float32)
+    return np.array(
+        [bool(asked & {n.lower() for n in identifiers(e.term)}) for e in index.entries],
+        dtype=np.float32,
+    )
 
 
 def _is_prose(sentence: str) -> bool:

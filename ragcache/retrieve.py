@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -24,6 +24,12 @@ class RetrievalSettings:
     # by its exact words: the embedder sees such a name as a few common word pieces. The vector
     # arm's weight in the fusion for such questions (None: the store's weight for every question).
     identifier_vector_weight: float | None = 0.3
+    # A name the question uses (`format.numbered`, `PyErr_Print`) that none of the top-k chunks
+    # mentions is looked up in the whole store: up to this many chunks that mention it take the
+    # last places. Ranking can miss a definition whose only match is the exact name (a long
+    # list of configuration variables); a name the store never mentions stays unknown, and the
+    # answer is declined (`ragcache.extract.unknown_names`). 0: no lookup.
+    name_lookup: int = 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,11 @@ class Retriever:
                 f"the store holds {store.dim}-dimensional vectors but the embedder makes "
                 f"{embedder.dim}: it was built with another embedder",
                 hint="re-ingest into a new --db folder, or use the embedder the store was built with",
+            )
+        if self.settings.name_lookup < 0:
+            raise ConfigError(
+                f"name_lookup must be 0 or more, got {self.settings.name_lookup}",
+                hint="0 turns the lookup of a question's names off",
             )
         if self.settings.mode not in SEARCH_MODES:
             raise ConfigError(
@@ -80,4 +91,42 @@ class Retriever:
             else:
                 weight = self.settings.identifier_vector_weight if identifiers(question) else None
                 hits = self.store.search_hybrid(question, vector, k, where, weight)
+            hits = self._with_named(question, hits, vector, k, where)
         return Retrieval(hits, (time.perf_counter() - start) * 1000, vector)
+
+    def _with_named(
+        self,
+        question: str,
+        hits: list[SearchHit],
+        vector: np.ndarray,
+        k: int,
+        where: str | None,
+    ) -> list[SearchHit]:
+        """`hits` with chunks that mention the question's unmatched names in their last places."""
+        n = min(self.settings.name_lookup, k)
+        texts = [h.text.lower() for h in hits]
+        missing = [
+            name
+            for name in sorted(identifiers(question))
+            if len(name) > 3 and not any(name.lower() in t for t in texts)
+        ]
+        if not n or not missing:
+            return hits
+        have = {h.chunk_id for h in hits}
+        found = [
+            h
+            for h in self.store.search_mentioning(missing, vector, n + len(hits), where)
+            if h.chunk_id not in have
+        ][:n]
+        if not found:
+            return hits
+        free = max(0, k - len(hits))  # a small store may have returned fewer than k
+        keep = hits[: len(hits) - max(0, len(found) - free)]
+        # A looked-up chunk takes the place, and the score, of the hit it displaces, so score
+        # order still is rank order (its own score is a cosine, not the fused score).
+        floor = min((h.score for h in hits), default=0.0)
+        scores = [h.score for h in hits[len(keep) :]]
+        placed = [
+            replace(h, score=scores[i] if i < len(scores) else floor) for i, h in enumerate(found)
+        ]
+        return keep + placed

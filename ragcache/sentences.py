@@ -105,6 +105,29 @@ def is_term(line: str) -> bool:
     return 0 < len(line) <= 80 and not line.endswith((".", ",", ";", "!", "?"))
 
 
+def defined_terms(sentences: Sequence[Sentence]) -> list[str]:
+    """Per sentence: the term its paragraph defines, or "".
+
+    Reference pages define one name per entry: a term line (`pack.window`, `--scheduler=<s>`)
+    with its description under it, as the first line of the description's paragraph or as a
+    block of its own right above it. Every sentence of that description is about the term,
+    though only the first names it ("Defaults to 10.").
+    """
+    out: list[str] = []
+    term = ""
+    for i, s in enumerate(sentences):
+        if s.paragraph_start:
+            first, newline, rest = s.text.partition("\n")
+            if newline and rest.strip() and is_term(first.strip()):
+                term = first.strip()  # "pack.window\nThe size of the window ..."
+            elif i > 0 and sentences[i - 1].paragraph_start and is_term(sentences[i - 1].text):
+                term = sentences[i - 1].text  # the term is a block of its own above
+            else:
+                term = ""
+        out.append(term)
+    return out
+
+
 def _is_underline(line: str) -> bool:
     return len(line) >= 3 and len(set(line)) == 1 and line[0] in "=-~^*#+"
 

@@ -192,6 +192,13 @@ def sql_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def like_pattern(text: str) -> str:
+    """A quoted LIKE pattern that finds `text` (lower-cased) anywhere, its `%`, `_` and `\\`
+    taken literally (with `ESCAPE '\\'`)."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return sql_quote(f"%{escaped}%")
+
+
 def in_list(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(sql_quote(v) for v in values)})"
 
@@ -378,6 +385,28 @@ class ChunkStore:
             return fuse_rrf([by_vector, by_text], k, self.settings.rrf_k)
         w = self.settings.vector_weight if vector_weight is None else vector_weight
         return fuse_convex([(by_vector, w), (by_text, 1.0 - w)], k)
+
+    def search_mentioning(
+        self, names: Sequence[str], vector: np.ndarray, k: int = 10, where: str | None = None
+    ) -> list[SearchHit]:
+        """Chunks whose text contains any of `names` literally (case-insensitive), nearest to
+        `vector` first. A scan of the text column: meant for a few exact names per question.
+
+        The search is exhaustive over the matching rows: an IVF index probes a few partitions
+        only, and would miss the one chunk of a large store that names a rare identifier."""
+        if not names:
+            return []
+        mentions = " OR ".join(f"lower(text) LIKE {like_pattern(n)} ESCAPE '\\'" for n in names)
+        condition = f"({check_where(where)}) AND ({mentions})" if where else mentions
+        query = (
+            self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
+            .distance_type("cosine")
+            .bypass_vector_index()
+            .where(condition, prefilter=True)
+            .select([*_HIT_COLUMNS, "_distance"])
+            .limit(k)
+        )
+        return [_hit(r, 1.0 - float(r["_distance"])) for r in query.to_arrow().to_pylist()]
 
     def existing_chunk_ids(self, chunk_ids: Sequence[str], batch: int = 1000) -> set[str]:
         """Which of `chunk_ids` the table holds."""

@@ -19,7 +19,7 @@ from ragcache.embedder import SentenceTransformerEmbedder
 from ragcache.engine import Engine, TextDelta
 from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
-from ragcache.retrieve import Retriever
+from ragcache.retrieve import RetrievalSettings, Retriever
 from ragcache.sampling import SamplingParams
 from ragcache.sentences import split_sentences
 from ragcache.store import open_store
@@ -228,3 +228,53 @@ def test_odd_questions_get_an_answer_or_a_decline_never_a_loop(
         assert len(said) == len(set(said))  # what the user reads never repeats itself
         if not done.declined:
             assert done.quotes and all(q.quote.text for q in done.quotes)
+
+
+NAMED = {
+    "widgets.md": "# Widgets\n\nFrob settings change how widgets behave at run time. Every frob "
+    "setting of a widget can be changed while the widget runs.\n",
+    "runtime.md": "# Run time\n\nAt run time a widget changes how it behaves when one of its frob "
+    "settings changes.\n",
+    "behaviour.md": "# Behaviour\n\nHow widgets behave depends on their frob settings, which "
+    "change at run time.\n",
+    "limits.md": "# Limits\n\nfrob.limit_count\nThe most presses a day. Defaults to 7.\n",
+    "rivers.md": DOCS["rivers.md"],
+}
+
+
+def test_a_name_no_retrieved_chunk_mentions_is_looked_up_in_the_store(
+    tmp_path: Path, tiny_llama: LoadedModel, embedder
+) -> None:
+    for name, text in NAMED.items():
+        (tmp_path / name).write_text(text)
+    db = tmp_path / "db"
+    spec = JobSpec(paths=(str(tmp_path),), db_dir=db, generator=str(tiny_llama.path))
+    run_job(spec, tmp_path / "home", embedder=embedder)
+    store = open_store(db)
+    question = "How do widgets change how they behave at run time with frob.limit_count?"
+
+    def hits(**kw) -> list:
+        settings = RetrievalSettings(**{"k": 2, "mode": "vector", **kw})
+        return Retriever(store, embedder, settings).retrieve(question).hits
+
+    plain = hits(name_lookup=0)
+    assert all("frob.limit_count" not in h.text for h in plain)  # the vector arm misses it
+    looked_up = hits()
+    assert [h.doc_id for h in looked_up][:1] == [plain[0].doc_id]
+    assert looked_up[1].doc_id.endswith("limits.md") and "frob.limit_count" in looked_up[1].text
+    assert looked_up[1].score == plain[1].score  # it takes the displaced hit's place and score
+    # `_` is taken literally (not LIKE's any-character), and a name the store never mentions
+    # changes nothing: the answer policy declines it as unknown.
+    assert store.search_mentioning(["frob.limit_count"], embedder.embed_query("x"), 5)
+    assert not store.search_mentioning(["frobxlimit_count"], embedder.embed_query("x"), 5)
+    assert not store.search_mentioning(["frob.limit%"], embedder.embed_query("x"), 5)
+    other = "How do widgets change how they behave at run time with frob.limit_total?"
+    unknown = Retriever(store, embedder, RetrievalSettings(k=2, mode="vector")).retrieve(other)
+    assert all("frob.limit" not in h.text for h in unknown.hits)
+    with pytest.raises(ConfigError, match="name_lookup"):
+        Retriever(store, embedder, RetrievalSettings(name_lookup=-1))
+    answerer = Answerer(
+        Engine(tiny_llama), Retriever(store, embedder, RetrievalSettings(k=2, mode="vector"))
+    )
+    done = list(answerer.ask(other, mode="extract"))[-1]
+    assert isinstance(done, AnswerDone) and done.declined

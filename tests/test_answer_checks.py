@@ -236,3 +236,34 @@ def test_a_default_stated_at_the_end_of_a_long_definition_is_quoted_too() -> Non
     answer = decide("extract", got, None, AnswerPolicySettings(decline_below=0.0))
     assert " … " in answer.text and answer.text.endswith("[1].")
     assert [q.start for q in answer.quotes] == [got.quote.start, got.more.start]
+
+
+CONFIG = Passage(
+    1,
+    "config#40",
+    "git-config(1) Manual Page",
+    "pack.windowMemory\nThe maximum size of memory used by each thread for pack window memory. "
+    "The default is taken from the configuration.\n\n"
+    "pack.window\nThe size of the window used by git-pack-objects(1). Defaults to 10.\n",
+)
+
+
+def test_the_entry_that_defines_the_asked_name_is_evidence_for_it() -> None:
+    """The sentence "Defaults to 10." says nothing by its words; it answers because its entry's
+    term is the name asked about, and it counts for the confidence (pack.windowMemory's entry
+    does not)."""
+    from dataclasses import replace
+
+    from ragcache.extract import ExtractSettings, defines_asked_name
+
+    question = "What is the default value of the pack.window configuration variable?"
+    ix = EvidenceIndex([CONFIG])
+    defines = defines_asked_name(question, ix)
+    said = {
+        e.sentence.text.splitlines()[-1]: bool(d) for e, d in zip(ix.entries, defines, strict=True)
+    }
+    assert said["Defaults to 10."] and not said["The default is taken from the configuration."]
+    off = extract_answer(question, ix, replace(ExtractSettings(), defined_name_weight=0.0))
+    on = extract_answer(question, ix, replace(ExtractSettings(), defined_name_weight=0.3))
+    assert off is not None and on is not None
+    assert "Defaults to 10" in on.quote.text and on.score > off.score

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from ragcache.sentences import (
     citation_numbers,
     content_words,
+    defined_terms,
     identifiers,
     split_sentences,
     strip_citations,
@@ -68,3 +69,22 @@ def test_identifiers_are_options_dotted_snake_and_camel_names() -> None:
         "list.sort",
     }
     assert identifiers("Why does Python use indentation for grouping of statements?") == set()
+
+
+def test_defined_terms_cover_every_sentence_of_an_entry() -> None:
+    """A reference entry's term is either its paragraph's first line or a block of its own
+    above an indented description; a plain paragraph defines nothing."""
+    text = (
+        "pack.window\nThe size of the window. Defaults to 10.\n\n"
+        "pack.windowMemory\nThe memory of the window. No limit.\n\n"
+        "Plain prose here. And more.\n\n"
+        "--scheduler=<scheduler>\n    Specify the scheduler. Default is auto.\n"
+    )
+    sentences = split_sentences(text)
+    terms = dict(
+        zip((s.text.splitlines()[-1] for s in sentences), defined_terms(sentences), strict=True)
+    )
+    assert terms["Defaults to 10."] == "pack.window"
+    assert terms["No limit."] == "pack.windowMemory"
+    assert terms["And more."] == "" and terms["Plain prose here."] == ""
+    assert terms["Default is auto."] == "--scheduler=<scheduler>"

@@ -149,6 +149,14 @@ def test_maintain_builds_indexes_once_large_enough(tmp_path):
     target = docs[5][1][0]
     assert store.search_vector(target, k=1)[0].doc_id == "d5"  # refine_factor keeps it exact here
     assert store.search_text("topic", k=500)  # new rows are searchable after compaction
+    # A literal name is found in every partition of the index, `_` and case taken literally.
+    _write(store, [_doc("named", ["the Frob_Limit entry"], rng)])
+    store.maintain(compact=True)  # the new row goes into the index's partitions too
+    far = -docs[5][1][0]
+    for name in ("frob_limit", "FROB_LIMIT"):
+        assert [h.doc_id for h in store.search_mentioning([name], far, k=5)] == ["named"]
+    assert store.search_mentioning(["frobxlimit"], far, k=5) == []
+    assert store.search_mentioning(["frob_limit"], far, k=5, where="doc_id = 'd1'") == []
 
 
 def test_rrf_fusion_is_deterministic_and_rewards_agreement():
