@@ -94,6 +94,22 @@ def decline_threshold(answerable: list[float], unanswerable: list[float], max_fa
     return best
 
 
+def first_stage_settings(
+    lexical: float, rank: float, sentences: int, passage: float, lead: float, more: float | None
+) -> ExtractSettings:
+    """The first grid's point; the defined-name evidence is the second stage's, so it is off."""
+    return replace(
+        ExtractSettings(),
+        lexical_weight=lexical,
+        rank_weight=rank,
+        max_sentences=sentences,
+        passage_weight=passage,
+        lead_weight=lead,
+        more_above=more,
+        defined_name_weight=0.0,
+    )
+
+
 def main() -> None:
     settings = load_settings()
     embedder = SentenceTransformerEmbedder()
@@ -123,16 +139,7 @@ def main() -> None:
     )
     results = []
     for lexical, rank, context, sentences, passage, lead, more in grid:
-        extract = replace(
-            ExtractSettings(),
-            lexical_weight=lexical,
-            rank_weight=rank,
-            max_sentences=sentences,
-            passage_weight=passage,
-            lead_weight=lead,
-            more_above=more,
-            defined_name_weight=0.0,  # the second stage's
-        )
+        extract = first_stage_settings(lexical, rank, sentences, passage, lead, more)
         evidence = replace(EvidenceSettings(), context_weight=context)
         r = evaluate(rows, extract, evidence)
         objective = (
@@ -145,16 +152,7 @@ def main() -> None:
     near = [x for x in results if x[0] >= results[0][0] - TIE]
     chosen = min(near, key=lambda x: (x[2] + x[5] + x[6], -x[0]))
     objective, lexical, rank, context, sentences, passage, lead, more, best = chosen
-    first_stage = replace(
-        ExtractSettings(),
-        lexical_weight=lexical,
-        rank_weight=rank,
-        max_sentences=sentences,
-        passage_weight=passage,
-        lead_weight=lead,
-        more_above=more,
-        defined_name_weight=0.0,
-    )
+    first_stage = first_stage_settings(lexical, rank, sentences, passage, lead, more)
     evidence = replace(EvidenceSettings(), context_weight=context)
     # Second stage, at the first stage's choice: the entry that defines a name the question
     # asks about (reference pages). Kept only where it beats the first stage by more than a tie.
