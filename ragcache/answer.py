@@ -204,8 +204,8 @@ class Answerer:
                 f"unknown answer mode {mode!r}", hint="one of: " + ", ".join(ANSWER_MODES)
             )
         conversation = conversation if conversation is not None else Conversation()
-        retrieval = self.retriever.retrieve(question, k, where)
         seen = {c.chunk_id for turn in conversation.turn_chunks for c in turn}
+        retrieval = self.retriever.retrieve(question, k, where, exclude=frozenset(seen))
         hits = [h for h in retrieval.hits if h.chunk_id not in seen]  # already in the context
         by_id = {h.chunk_id: h for h in hits}
         chunks = {h.chunk_id: self._source_chunk(h) for h in hits}

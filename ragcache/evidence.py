@@ -100,11 +100,19 @@ class EvidenceIndex:
         self.by_passage: list[list[_Entry]] = []
         for p, passage in enumerate(self.passages):
             rank = self.ranks[p] if self.ranks is not None else p
-            sentences = [x for x in split_sentences(passage.text) if not passage.is_label(x.text)]
+            every = split_sentences(passage.text)
+            # Terms first: a term line that repeats the heading (an option documented under its
+            # own heading) is dropped as a label, but still names what its description defines.
+            kept = [
+                (x, term)
+                for x, term in zip(every, defined_terms(every), strict=True)
+                if not passage.is_label(x.text)
+            ]
+            sentences = [x for x, _ in kept]
+            terms = [term for _, term in kept]
             bags = [content_words(s.text) for s in sentences]
             own: list[_Entry] = []
             c = self.settings.context_sentences
-            terms = defined_terms(sentences)
             for i, (s, bag) in enumerate(zip(sentences, bags, strict=True)):
                 around = [w for b in bags[max(0, i - c) : i + c + 1] for w in b]
                 own.append(_Entry(passage, p, rank, s, i, bag, around, terms[i]))

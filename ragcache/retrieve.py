@@ -9,7 +9,7 @@ import numpy as np
 
 from ragcache.embedder import Embedder
 from ragcache.errors import ConfigError, InvalidRequestError
-from ragcache.sentences import identifiers
+from ragcache.sentences import identifiers, mentions
 from ragcache.store import ChunkStore, SearchHit
 
 SEARCH_MODES = ("hybrid", "vector", "fts")
@@ -25,10 +25,11 @@ class RetrievalSettings:
     # arm's weight in the fusion for such questions (None: the store's weight for every question).
     identifier_vector_weight: float | None = 0.3
     # A name the question uses (`format.numbered`, `PyErr_Print`) that none of the top-k chunks
-    # mentions is looked up in the whole store: up to this many chunks that mention it take the
-    # last places. Ranking can miss a definition whose only match is the exact name (a long
-    # list of configuration variables); a name the store never mentions stays unknown, and the
-    # answer is declined (`ragcache.extract.unknown_names`). 0: no lookup.
+    # mentions is looked up in the whole store: up to this many chunks that name it (one per
+    # name in turn) take the last places, never the top hit's. Ranking can miss a definition
+    # whose only match is the exact name (a long list of configuration variables); a name the
+    # store never mentions stays unknown, and the answer is declined
+    # (`ragcache.extract.unknown_names`). 0: no lookup. Full-text mode searches words already.
     name_lookup: int = 2
 
 
@@ -65,8 +66,15 @@ class Retriever:
                 f"unknown search mode {self.settings.mode!r}", hint=", ".join(SEARCH_MODES)
             )
 
-    def retrieve(self, question: str, k: int | None = None, where: str | None = None) -> Retrieval:
-        """Top-k chunks for `question`, best first.
+    def retrieve(
+        self,
+        question: str,
+        k: int | None = None,
+        where: str | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Retrieval:
+        """Top-k chunks for `question`, best first. `exclude`: chunk ids already in the
+        conversation, which the name lookup does not spend a place on.
 
         Raises InvalidRequestError on an empty question, k out of range, or an empty store.
         """
@@ -91,7 +99,7 @@ class Retriever:
             else:
                 weight = self.settings.identifier_vector_weight if identifiers(question) else None
                 hits = self.store.search_hybrid(question, vector, k, where, weight)
-            hits = self._with_named(question, hits, vector, k, where)
+            hits = self._with_named(question, hits, vector, k, where, exclude)
         return Retrieval(hits, (time.perf_counter() - start) * 1000, vector)
 
     def _with_named(
@@ -101,32 +109,43 @@ class Retriever:
         vector: np.ndarray,
         k: int,
         where: str | None,
+        exclude: frozenset[str],
     ) -> list[SearchHit]:
-        """`hits` with chunks that mention the question's unmatched names in their last places."""
-        n = min(self.settings.name_lookup, k)
-        texts = [h.text.lower() for h in hits]
+        """`hits` with chunks that name the question's unmatched names in their last places:
+        one per name in turn, never the top hit, never a chunk in `exclude`."""
+        n = min(self.settings.name_lookup, k - 1)
+        if n <= 0:
+            return hits
         missing = [
             name
             for name in sorted(identifiers(question))
-            if len(name) > 3 and not any(name.lower() in t for t in texts)
+            if len(name) > 3 and not any(mentions(h.text, name) for h in hits)
         ]
-        if not n or not missing:
-            return hits
-        have = {h.chunk_id for h in hits}
-        found = [
-            h
-            for h in self.store.search_mentioning(missing, vector, n + len(hits), where)
-            if h.chunk_id not in have
-        ][:n]
+        taken = {h.chunk_id for h in hits} | exclude
+        candidates = [
+            self.store.search_mentioning(name, vector, n + len(taken), where) for name in missing
+        ]
+        found: list[SearchHit] = []
+        for rank in range(n + len(taken)):  # round robin: a second name gets a place too
+            for per_name in candidates:
+                if len(found) < n and rank < len(per_name) and per_name[rank].chunk_id not in taken:
+                    found.append(per_name[rank])
+                    taken.add(per_name[rank].chunk_id)
         if not found:
             return hits
         free = max(0, k - len(hits))  # a small store may have returned fewer than k
         keep = hits[: len(hits) - max(0, len(found) - free)]
         # A looked-up chunk takes the place, and the score, of the hit it displaces, so score
-        # order still is rank order (its own score is a cosine, not the fused score).
-        floor = min((h.score for h in hits), default=0.0)
+        # order still is rank order (its own score is a cosine, not the fused score); past the
+        # last hit, a score just below it, so no tie puts it above a retrieved chunk.
         scores = [h.score for h in hits[len(keep) :]]
-        placed = [
-            replace(h, score=scores[i] if i < len(scores) else floor) for i, h in enumerate(found)
-        ]
+        floor = min((h.score for h in hits), default=0.0)
+        placed = []
+        for i, h in enumerate(found):
+            if i < len(scores):
+                score = scores[i]
+            else:
+                floor = float(np.nextafter(floor, -np.inf))
+                score = floor
+            placed.append(replace(h, score=score))
         return keep + placed

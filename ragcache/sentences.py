@@ -35,6 +35,13 @@ def identifiers(text: str) -> set[str]:
     return {m.group(0).rstrip(".") for m in _IDENTIFIER.finditer(text)}
 
 
+def mentions(text: str, name: str) -> bool:
+    """Whether `text` names `name` as a whole (case-insensitive): `pack.window` is not in
+    `pack.windowMemory` nor in `pack.window.size`, but is in "pack.window=10"."""
+    pattern = rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.\w)"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
 @dataclass(frozen=True)
 class Sentence:
     text: str
@@ -111,21 +118,35 @@ def defined_terms(sentences: Sequence[Sentence]) -> list[str]:
     Reference pages define one name per entry: a term line (`pack.window`, `--scheduler=<s>`)
     with its description under it, as the first line of the description's paragraph or as a
     block of its own right above it. Every sentence of that description is about the term,
-    though only the first names it ("Defaults to 10.").
+    though only the first names it ("Defaults to 10."). Only a line that is a name counts: the
+    short first line of a wrapped prose paragraph, or a list item, defines nothing.
     """
     out: list[str] = []
     term = ""
     for i, s in enumerate(sentences):
         if s.paragraph_start:
             first, newline, rest = s.text.partition("\n")
-            if newline and rest.strip() and is_term(first.strip()):
+            above = sentences[i - 1] if i > 0 else None
+            if newline and rest.strip() and is_name_line(first):
                 term = first.strip()  # "pack.window\nThe size of the window ..."
-            elif i > 0 and sentences[i - 1].paragraph_start and is_term(sentences[i - 1].text):
-                term = sentences[i - 1].text  # the term is a block of its own above
+            elif above is not None and above.paragraph_start and is_name_line(above.text):
+                term = above.text.strip()  # the term is a block of its own above
             else:
                 term = ""
         out.append(term)
     return out
+
+
+def is_name_line(line: str) -> bool:
+    """Whether a line is a reference entry's term: an identifier first (`pack.window`,
+    `--format=<format>`, `-n <num>, --max-count=<num>`) and little else, no sentence end."""
+    stripped = line.strip()
+    return (
+        is_term(stripped)
+        and _LIST_ITEM.match(line) is None
+        and len(stripped.split()) <= 4
+        and _IDENTIFIER.match(stripped) is not None
+    )
 
 
 def _is_underline(line: str) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ragcache.errors import InvalidRequestError, RagcacheError
+from ragcache.sentences import mentions
 from ragcache.store_location import StoreLocation, normalise
 
 log = logging.getLogger(__name__)
@@ -387,26 +388,30 @@ class ChunkStore:
         return fuse_convex([(by_vector, w), (by_text, 1.0 - w)], k)
 
     def search_mentioning(
-        self, names: Sequence[str], vector: np.ndarray, k: int = 10, where: str | None = None
+        self, name: str, vector: np.ndarray, k: int = 10, where: str | None = None
     ) -> list[SearchHit]:
-        """Chunks whose text contains any of `names` literally (case-insensitive), nearest to
-        `vector` first. A scan of the text column: meant for a few exact names per question.
+        """Chunks that name `name` as a whole (case-insensitive; `sentences.mentions`), nearest
+        to `vector` first. A scan of the text column (a literal LIKE, then the word check):
+        meant for the one or two exact names of a question, ~20 ms per 5,600 chunks here.
 
-        The search is exhaustive over the matching rows: an IVF index probes a few partitions
-        only, and would miss the one chunk of a large store that names a rare identifier."""
-        if not names:
+        The search is exhaustive over the matching rows, for exactness: an IVF index probes a
+        few partitions only, and could miss the one chunk of a large store that names a rare
+        identifier."""
+        if not name:
             return []
-        mentions = " OR ".join(f"lower(text) LIKE {like_pattern(n)} ESCAPE '\\'" for n in names)
-        condition = f"({check_where(where)}) AND ({mentions})" if where else mentions
+        condition = f"lower(text) LIKE {like_pattern(name)} ESCAPE '\\'"
+        if where:  # on its own line: a filter ending in an SQL `--` comment stays closed
+            condition = f"({check_where(where)}\n) AND {condition}"
         query = (
             self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .distance_type("cosine")
             .bypass_vector_index()
             .where(condition, prefilter=True)
             .select([*_HIT_COLUMNS, "_distance"])
-            .limit(k)
+            .limit(max(64, 4 * k))  # a LIKE match may be a longer name (`pack.windowMemory`)
         )
-        return [_hit(r, 1.0 - float(r["_distance"])) for r in query.to_arrow().to_pylist()]
+        rows = [r for r in query.to_arrow().to_pylist() if mentions(r["text"], name)]
+        return [_hit(r, 1.0 - float(r["_distance"])) for r in rows[:k]]
 
     def existing_chunk_ids(self, chunk_ids: Sequence[str], batch: int = 1000) -> set[str]:
         """Which of `chunk_ids` the table holds."""

@@ -238,6 +238,7 @@ NAMED = {
     "behaviour.md": "# Behaviour\n\nHow widgets behave depends on their frob settings, which "
     "change at run time.\n",
     "limits.md": "# Limits\n\nfrob.limit_count\nThe most presses a day. Defaults to 7.\n",
+    "sizes.md": "# Sizes\n\nwidget.max_size\nThe largest press. Defaults to 3.\n",
     "rivers.md": DOCS["rivers.md"],
 }
 
@@ -263,11 +264,20 @@ def test_a_name_no_retrieved_chunk_mentions_is_looked_up_in_the_store(
     assert [h.doc_id for h in looked_up][:1] == [plain[0].doc_id]
     assert looked_up[1].doc_id.endswith("limits.md") and "frob.limit_count" in looked_up[1].text
     assert looked_up[1].score == plain[1].score  # it takes the displaced hit's place and score
-    # `_` is taken literally (not LIKE's any-character), and a name the store never mentions
-    # changes nothing: the answer policy declines it as unknown.
-    assert store.search_mentioning(["frob.limit_count"], embedder.embed_query("x"), 5)
-    assert not store.search_mentioning(["frobxlimit_count"], embedder.embed_query("x"), 5)
-    assert not store.search_mentioning(["frob.limit%"], embedder.embed_query("x"), 5)
+    assert hits(k=1) == plain[:1]  # the top hit is never displaced
+    # Two unmatched names: one place each, in turn.
+    both = (
+        "How do widgets change how they behave at run time with frob.limit_count and "
+        "widget.max_size?"
+    )
+    settings = RetrievalSettings(k=3, mode="vector")
+    found = Retriever(store, embedder, settings).retrieve(both).hits
+    assert {h.doc_id.rsplit("/", 1)[-1] for h in found[1:]} == {"limits.md", "sizes.md"}
+    # A chunk already in the conversation is no place's worth: the lookup skips it.
+    limits_id = looked_up[1].chunk_id
+    skipped = Retriever(store, embedder, RetrievalSettings(k=2, mode="vector"))
+    assert skipped.retrieve(question, exclude=frozenset({limits_id})).hits == plain
+    # A name the store never mentions changes nothing: the answer policy declines it as unknown.
     other = "How do widgets change how they behave at run time with frob.limit_total?"
     unknown = Retriever(store, embedder, RetrievalSettings(k=2, mode="vector")).retrieve(other)
     assert all("frob.limit" not in h.text for h in unknown.hits)

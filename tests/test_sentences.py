@@ -78,6 +78,8 @@ def test_defined_terms_cover_every_sentence_of_an_entry() -> None:
         "pack.window\nThe size of the window. Defaults to 10.\n\n"
         "pack.windowMemory\nThe memory of the window. No limit.\n\n"
         "Plain prose here. And more.\n\n"
+        "Unlike pack.windowMemory, the pack.window setting\ncontrols the objects. Wrapped.\n\n"
+        "- Set core.bare\n- Then run it. Listed.\n\n"
         "--scheduler=<scheduler>\n    Specify the scheduler. Default is auto.\n"
     )
     sentences = split_sentences(text)
@@ -87,4 +89,6 @@ def test_defined_terms_cover_every_sentence_of_an_entry() -> None:
     assert terms["Defaults to 10."] == "pack.window"
     assert terms["No limit."] == "pack.windowMemory"
     assert terms["And more."] == "" and terms["Plain prose here."] == ""
+    assert terms["controls the objects."] == "" and terms["Wrapped."] == ""  # wrapped prose
+    assert terms["Listed."] == ""  # a list item is no term
     assert terms["Default is auto."] == "--scheduler=<scheduler>"

@@ -20,6 +20,7 @@ from ragcache.store import (
     chunk_schema,
     fuse_convex,
     fuse_rrf,
+    like_pattern,
     open_store,
 )
 
@@ -149,14 +150,32 @@ def test_maintain_builds_indexes_once_large_enough(tmp_path):
     target = docs[5][1][0]
     assert store.search_vector(target, k=1)[0].doc_id == "d5"  # refine_factor keeps it exact here
     assert store.search_text("topic", k=500)  # new rows are searchable after compaction
-    # A literal name is found in every partition of the index, `_` and case taken literally.
+    # A name is found in an indexed table (exhaustively over the matching rows), as a whole
+    # name and in any case; a longer name that starts with it does not count.
     _write(store, [_doc("named", ["the Frob_Limit entry"], rng)])
-    store.maintain(compact=True)  # the new row goes into the index's partitions too
+    _write(store, [_doc("longer", ["the frob_limitMore entry, frob-limit"], rng)])
+    store.maintain(compact=True)  # the new rows go into the index's partitions too
     far = -docs[5][1][0]
     for name in ("frob_limit", "FROB_LIMIT"):
-        assert [h.doc_id for h in store.search_mentioning([name], far, k=5)] == ["named"]
-    assert store.search_mentioning(["frobxlimit"], far, k=5) == []
-    assert store.search_mentioning(["frob_limit"], far, k=5, where="doc_id = 'd1'") == []
+        assert [h.doc_id for h in store.search_mentioning(name, far, k=5)] == ["named"]
+    assert store.search_mentioning("frob_limit", far, k=5, where="doc_id = 'd1' -- note") == []
+    assert store.search_mentioning("frob_lim", far, k=5) == []
+
+
+def test_like_patterns_take_wildcards_literally(store: ChunkStore) -> None:
+    rng = np.random.default_rng(5)
+    _write(
+        store, [_doc(f"d{i}", [t], rng) for i, t in enumerate(["axb", "a_b", "50% off", "c:\\x"])]
+    )
+
+    def where(text: str) -> list[str]:
+        condition = f"lower(text) LIKE {like_pattern(text)} ESCAPE '\\'"
+        rows = store.table.search().where(condition).select(["doc_id"]).limit(None)
+        return sorted(rows.to_arrow()["doc_id"].to_pylist())
+
+    assert where("a_b") == ["d1"]  # unescaped, `_` would match "axb" too
+    assert where("50%") == ["d2"] and where("0% o") == ["d2"] and where("%") == ["d2"]
+    assert where("c:\\x") == ["d3"] and where("it's") == []
 
 
 def test_rrf_fusion_is_deterministic_and_rewards_agreement():
