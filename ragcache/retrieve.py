@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from itertools import chain, zip_longest
 
 import numpy as np
 
@@ -122,15 +123,15 @@ class Retriever:
             if len(name) > 3 and not any(mentions(h.text, name) for h in hits)
         ]
         taken = {h.chunk_id for h in hits} | exclude
-        candidates = [
+        per_name = [
             self.store.search_mentioning(name, vector, n + len(taken), where) for name in missing
         ]
         found: list[SearchHit] = []
-        for rank in range(n + len(taken)):  # round robin: a second name gets a place too
-            for per_name in candidates:
-                if len(found) < n and rank < len(per_name) and per_name[rank].chunk_id not in taken:
-                    found.append(per_name[rank])
-                    taken.add(per_name[rank].chunk_id)
+        # Round robin over the names' candidates, best first: a second name gets a place too.
+        for hit in chain.from_iterable(zip_longest(*per_name)):
+            if hit is not None and hit.chunk_id not in taken and len(found) < n:
+                found.append(hit)
+                taken.add(hit.chunk_id)
         if not found:
             return hits
         free = max(0, k - len(hits))  # a small store may have returned fewer than k
@@ -140,12 +141,7 @@ class Retriever:
         # last hit, a score just below it, so no tie puts it above a retrieved chunk.
         scores = [h.score for h in hits[len(keep) :]]
         floor = min((h.score for h in hits), default=0.0)
-        placed = []
-        for i, h in enumerate(found):
-            if i < len(scores):
-                score = scores[i]
-            else:
-                floor = float(np.nextafter(floor, -np.inf))
-                score = floor
-            placed.append(replace(h, score=score))
-        return keep + placed
+        while len(scores) < len(found):
+            floor = float(np.nextafter(floor, -np.inf))
+            scores.append(floor)
+        return keep + [replace(h, score=score) for h, score in zip(found, scores, strict=True)]
