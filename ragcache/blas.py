@@ -160,6 +160,12 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
     if kernel is not None:
         done = skinny_gemm.activate(kernel, str(candidates[0]), _blas_threads(lib))
         skinny_on, skinny_reason = done.active, done.reason
+        if skinny_on:  # what load_model does with a model's weights (ragcache.packed_weights)
+            skinny_reason += (
+                "; a loaded model's weights read from packed copies"
+                if settings.packed_weights
+                else "; weights read row-major (RAGCACHE_PACKED_WEIGHTS=0)"
+            )
         if skinny_on:
             global _kernel
             _kernel = kernel

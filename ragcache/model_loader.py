@@ -93,6 +93,8 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     from mlx_lm import load
 
     from ragcache import attention
+    from ragcache.blas import skinny_kernel
+    from ragcache.packed_weights import pack_model
     from ragcache.settings import read_blas_settings
 
     target = resolve_model_path(spec, home, quant)
@@ -108,6 +110,9 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     if read_blas_settings().fast_softmax:
         attention.install(model)
     numerics = attention.TAG if attention.routes(model) else ""
+    kernel = skinny_kernel()
+    if kernel is not None and not lazy and read_blas_settings().packed_weights:
+        pack_model(model, kernel)  # same bits, so the identity does not change
     return LoadedModel(
         name=spec,
         path=path,

@@ -37,6 +37,9 @@ class BlasSettings:
     # Decode steps' one-row matmuls through ragcache's own kernel (ragcache/skinny_gemm.py),
     # bit-identical to OpenBLAS's sgemm and ~2x faster on them; off: every matmul is OpenBLAS's.
     skinny_gemm: bool = True
+    # That kernel reads each float32 weight of a loaded model from a packed copy
+    # (ragcache/packed_weights.py): ~3x its row-major read rate, for a second copy of the weights.
+    packed_weights: bool = True
     # Attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own exp is
     # scalar there and took ~60% of a long prefill; off: MLX's attention, unchanged.
     fast_softmax: bool = True
@@ -82,6 +85,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_BLAS_LIBRARY": ("blas", "library"),
     "RAGCACHE_SKINNY_GEMM": ("blas", "skinny_gemm"),
     "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
+    "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
     "RAGCACHE_MODEL": ("model", "name"),
     "RAGCACHE_QUANT": ("model", "quant"),
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
@@ -154,5 +158,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         skinny_gemm=environ.get("RAGCACHE_SKINNY_GEMM", "1").lower()
         not in {"0", "false", "no", "off"},
         fast_softmax=environ.get("RAGCACHE_FAST_SOFTMAX", "1").lower()
+        not in {"0", "false", "no", "off"},
+        packed_weights=environ.get("RAGCACHE_PACKED_WEIGHTS", "1").lower()
         not in {"0", "false", "no", "off"},
     )

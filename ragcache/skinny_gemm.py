@@ -23,6 +23,12 @@ only calls where that is proven:
   when the context is a multiple of 8, and keep their own order otherwise: attention was never
   bit-identical between decode and prefill (its sums over the context are split by length).
 
+A loaded model's float32 weights are also registered with the kernel (`ragcache.packed_weights`):
+it keeps a copy of each packed as blocks of 16 output rows with their inputs interleaved, which
+one-row products read with one vector FMA per input for 16 outputs (~3x the row-major rate), in
+the same order, so with the same bits. Products of up to 8 rows over a packed weight are taken
+at any size (a speculative verify over the output layer): the weight is read once for all rows.
+
 The library is compiled once per source version with the system C compiler into
 `$RAGCACHE_HOME/native/` and loaded RTLD_GLOBAL before OpenBLAS and mlx.core, so libmlx binds its
 `cblas_sgemm` to it (`ragcache.blas`). No compiler, no AVX2/FMA, or a probe that never matches:
@@ -83,6 +89,12 @@ class SkinnyGemm:
         lib.skinny_gemm_reference_only.restype = None
         lib.skinny_gemm_counter.argtypes = [i]
         lib.skinny_gemm_counter.restype = ctypes.c_long
+        lib.skinny_gemm_pack.argtypes = [p, i, i, i]
+        lib.skinny_gemm_pack.restype = i
+        lib.skinny_gemm_unpack.argtypes = [p]
+        lib.skinny_gemm_unpack.restype = None
+        lib.skinny_gemm_packed_bytes.argtypes = []
+        lib.skinny_gemm_packed_bytes.restype = ctypes.c_long
 
     def bind(self, openblas: str) -> bool:
         return int(self._lib.skinny_gemm_bind(openblas.encode())) == 0
@@ -100,6 +112,21 @@ class SkinnyGemm:
         """Compute the calls this kernel takes through the padded OpenBLAS product instead: the
         bits it must reproduce, slower (for tests)."""
         self._lib.skinny_gemm_reference_only(int(on))
+
+    def pack(self, address: int, n: int, k: int) -> bool:
+        """Register the row-major n x k float32 weight at `address` for one-row products read
+        through a packed copy (native/skinny_gemm.c). The caller keeps the weight alive and
+        unchanged until `unpack`. False: no memory or the table is full (the weight is then
+        read as it is)."""
+        return int(self._lib.skinny_gemm_pack(ctypes.c_void_p(address), n, k, k)) == 0
+
+    def unpack(self, address: int) -> None:
+        """Drop the packed copy of the weight at `address`, once no product is reading it."""
+        self._lib.skinny_gemm_unpack(ctypes.c_void_p(address))
+
+    def packed_bytes(self) -> int:
+        """Memory held by packed copies of weights."""
+        return int(self._lib.skinny_gemm_packed_bytes())
 
     def _operands(self, m: int, n: int, k: int, seed: int) -> tuple[Any, Any]:
         import numpy as np
@@ -126,13 +153,22 @@ class SkinnyGemm:
             raise MemoryError("no memory for the reference product")
         return out
 
-    def matches_openblas(self, n: int, k: int, seed: int = 0, m: int = 1) -> bool:
+    def matches_openblas(
+        self, n: int, k: int, seed: int = 0, m: int = 1, packed: bool = False
+    ) -> bool:
         """Whether this kernel's m-row product has the bits OpenBLAS's sgemm gives those rows
-        inside a prefill (a product tall enough for its ordinary path), on random operands."""
+        inside a prefill (a product tall enough for its ordinary path), on random operands.
+        `packed`: the weight is read through its packed copy, as a loaded model's are."""
         import numpy as np
 
         a, b = self._operands(m, n, k, seed)
-        mine = self._product(self._lib.skinny_gemm_compute, a, b)
+        if packed and not self.pack(b.ctypes.data, n, k):
+            raise MemoryError("could not pack the weight")
+        try:
+            mine = self._product(self._lib.skinny_gemm_compute, a, b)
+        finally:
+            if packed:
+                self.unpack(b.ctypes.data)
         theirs = self._product(self._lib.skinny_gemm_reference, a, b)
         return bool(np.array_equal(mine.view(np.uint32), theirs.view(np.uint32)))
 

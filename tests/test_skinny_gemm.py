@@ -66,6 +66,70 @@ def test_bit_identical_to_openblas(kernel, n: int, k: int) -> None:
     assert kernel.matches_openblas(n, k, seed=3, m=3)
 
 
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_packed_weights_bit_identical_to_openblas(kernel, n: int, k: int) -> None:
+    """Read through its packed copy (16 output rows interleaved, ragcache.packed_weights), a
+    weight gives the same bits as OpenBLAS's prefill rows, n not a multiple of 16 included."""
+    before = kernel.packed_bytes()
+    assert kernel.matches_openblas(n, k, seed=4, packed=True)
+    assert kernel.matches_openblas(n, k, seed=5, m=3, packed=True)
+    assert kernel.matches_openblas(n, k, seed=6, m=8, packed=True)  # two groups of 4 rows
+    assert kernel.packed_bytes() == before  # the probe's copy was dropped again
+
+
+def test_a_loaded_models_weights_are_packed_and_dropped_with_it(kernel, tmp_path) -> None:
+    """load_model packs every decode weight, decode gives the bits of row-major reading, and
+    the copies go when the model is collected."""
+    import gc
+
+    from ragcache.model_loader import load_model
+    from ragcache.packed_weights import decode_weights
+    from tests.tiny_models import LLAMA, build_tiny_model
+
+    before = kernel.packed_bytes()
+    model = load_model(str(build_tiny_model(tmp_path / "m", LLAMA)), tmp_path / "home")
+    weights = decode_weights(model.model)
+    layers = model.model.model.layers
+    assert len(weights) == 1 + 7 * len(layers)  # the (untied) output layer and each layer's 7
+    expected = sum((w.shape[0] + 15) // 16 * 16 * w.shape[1] * 4 for w in weights)
+    assert kernel.packed_bytes() - before == expected
+    packed = _decode_logits(model, 12)
+    for w in weights:
+        kernel.unpack(np.array(w, copy=False).ctypes.data)
+    assert kernel.packed_bytes() == before
+    assert np.array_equal(packed.view(np.uint32), _decode_logits(model, 12).view(np.uint32))
+    again = load_model(str(tmp_path / "m"), tmp_path / "home")
+    assert kernel.packed_bytes() - before == expected
+    del again
+    gc.collect()
+    assert kernel.packed_bytes() == before
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_embedding_is_packed_only_when_it_is_the_output_layer(tied: bool) -> None:
+    import mlx.nn as nn
+
+    from ragcache.packed_weights import decode_weights
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(64, 16)
+            self.proj = nn.Linear(16, 24, bias=False)
+            self.odd = nn.Linear(16, 12, bias=False)  # 12 outputs: not a kernel shape
+            if not tied:
+                self.head = nn.Linear(16, 64, bias=False)
+
+    net = Net()
+    mx.eval(net.parameters())
+
+    def address(w: mx.array) -> int:
+        return int(np.array(w, copy=False).ctypes.data)
+
+    expected = [net.proj.weight, net.embed.weight if tied else net.head.weight]
+    assert sorted(map(address, decode_weights(net))) == sorted(map(address, expected))
+
+
 @pytest.mark.parametrize(("n", "k"), [(576, 576), (192, 576), (576, 1536), (1024, 640)])
 def test_a_decode_row_has_its_prefill_bits(kernel, n: int, k: int) -> None:
     """What exactness needs: a row computed in a 1-8 row product (decode, a batch, a short
@@ -77,6 +141,26 @@ def test_a_decode_row_has_its_prefill_bits(kernel, n: int, k: int) -> None:
     for m in range(1, 9):
         rows = np.array(x[:m] @ w.T).view(np.uint32)
         assert np.array_equal(rows, prefill[:m]), m
+
+
+@pytest.mark.parametrize(("n", "k"), [(576, 576), (1536, 576), (4864, 896), (49152, 576)])
+def test_a_packed_weights_rows_have_their_prefill_bits_at_any_size(kernel, n: int, k: int) -> None:
+    """A packed weight is taken for products of 1-8 rows of any size (a speculative verify over
+    the output layer): each row still has its bits inside a 64-row prefill."""
+    x = mx.random.normal((64, k), key=mx.random.key(13))
+    w = mx.random.normal((n, k), key=mx.random.key(14))
+    prefill = np.array(x @ w.T).view(np.uint32)
+    address = np.array(w, copy=False).ctypes.data
+    assert kernel.pack(address, n, k)
+    try:
+        taken = kernel.counters()["taken"]
+        for m in (1, 2, 3, 5, 8):
+            rows = np.array(x[:m] @ w.T).view(np.uint32)
+            assert np.array_equal(rows, prefill[:m]), m
+        # Through the kernel: all but a new shape's first call, which is computed both ways.
+        assert kernel.counters()["taken"] >= taken + 4
+    finally:
+        kernel.unpack(address)
 
 
 def test_a_shape_that_differs_is_left_to_openblas(kernel) -> None:

@@ -112,6 +112,29 @@ def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: boo
         assert accepted == 0
 
 
+@pytest.mark.parametrize("prompt_tokens", [90, 12])
+def test_a_window_that_cannot_take_a_draft_decodes_in_the_batch(
+    tiny_gemma: LoadedModel, prompt_tokens: int
+) -> None:
+    """Gemma's 24-token window has wrapped after a 90-token prompt: the sequence never goes solo
+    (no speculative step). After a 12-token one it goes solo, and moves into the batch when its
+    window fills. Either way, the tokens of plain greedy decoding."""
+    engine = Engine(tiny_gemma)
+    try:
+        for seed in range(3):
+            prompt = repetitive_prompt(seed, prompt_tokens)
+            plain = run(engine, prompt, "off")
+            fast = run(engine, prompt, "lookup")
+            assert fast.tokens == plain.tokens and fast.text == plain.text, seed
+            assert len(fast.tokens) > 24 - prompt_tokens  # decoding went past a full window
+            if prompt_tokens > 24:
+                assert fast.stats.decode_steps == 0 and fast.stats.drafted_tokens == 0
+            else:  # solo until the window filled, then in the batch for the rest
+                assert 0 < fast.stats.decode_steps < len(fast.tokens)
+    finally:
+        engine.close()
+
+
 def test_a_stop_string_inside_an_accepted_draft_ends_where_plain_decoding_does(
     tiny_llama: LoadedModel,
 ) -> None:

@@ -79,14 +79,194 @@ static void rows_block(int m, int j0, int j1, int k, const float *a, int lda, co
   }
 }
 
+/* Registered weights, packed for the one-row product. Row-major, the kernel above reads eight
+ * weight rows at once with scalar FMAs (~10 GB/s here); packed as blocks of 16 output rows with
+ * their k values interleaved ([n/16][k][16]), one vector load and one vector FMA per k serve 16
+ * outputs and the product streams at memory speed (~30 GB/s per thread measured on the AMD EPYC
+ * of these machines). Each output lane is still one FMA chain over k restarted at each K block,
+ * with the block sums added in order: the same operations as rows_block, so the same bits.
+ * A packed copy is a second copy of the weight (the prefill's OpenBLAS reads the original); the
+ * caller (ragcache/skinny_gemm.py) keeps the original alive while it is registered, so its address
+ * cannot be reused by another array. Readers count themselves in `packed_users` before they read
+ * an entry, so unregistering waits for none to hold it before freeing. */
+#define PACKED 4096
+typedef struct {
+  const float *b;
+  int n, k, ldb;
+  float *packed; /* NULL: unregistered */
+} packed_t;
+static packed_t packed_tab[PACKED];
+static pthread_mutex_t packed_mu = PTHREAD_MUTEX_INITIALIZER;
+static long packed_users = 0, packed_bytes = 0;
+
+static unsigned packed_slot(const float *b) {
+  return (unsigned)(((size_t)b >> 6) * 2654435761u) % PACKED;
+}
+
+/* The entry for weight `b` (n x k, leading dim ldb), or NULL; the caller holds packed_users. */
+static const float *packed_find(const float *b, int n, int k, int ldb) {
+  unsigned h = packed_slot(b);
+  for (int i = 0; i < PACKED; i++) {
+    packed_t *e = &packed_tab[(h + i) % PACKED];
+    const float *eb = __atomic_load_n(&e->b, __ATOMIC_ACQUIRE);
+    if (eb == NULL) return NULL;
+    if (eb == b) {
+      float *pk = __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST);
+      return (pk && e->n == n && e->k == k && e->ldb == ldb) ? pk : NULL;
+    }
+  }
+  return NULL;
+}
+
+/* Whether `b` has a packed copy now (a hint: compute() looks again under packed_users). */
+static int is_packed(const float *b, int n, int k, int ldb) {
+  __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
+  int found = packed_find(b, n, k, ldb) != NULL;
+  __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
+  return found;
+}
+
+/* Rows r0 .. r0+R-1 of c over the packed block at `block` (16 outputs from column j), R <= 4 a
+ * constant where it is inlined: the block's two vectors of each k serve all R rows, so a small
+ * batch or a speculative verify reads the weight once, and 2R independent FMA chains keep the
+ * FMA units busy. */
+static inline __attribute__((always_inline)) void packed_rows(const int R, int r0, int j, int n,
+                                                              int k, const float *a, int lda,
+                                                              const float *block, float *c,
+                                                              int ldc) {
+  __m256 o_lo[4], o_hi[4], s_lo[4], s_hi[4];
+  for (int i = 0; i < R; i++) o_lo[i] = o_hi[i] = _mm256_setzero_ps();
+  const float *p = block;
+  for (int k0 = 0; k0 < k;) {
+    int len = next_block(k - k0);
+    for (int i = 0; i < R; i++) s_lo[i] = s_hi[i] = _mm256_setzero_ps();
+    for (int kk = k0; kk < k0 + len; kk++, p += 16) {
+      __m256 w_lo = _mm256_load_ps(p), w_hi = _mm256_load_ps(p + 8);
+      for (int i = 0; i < R; i++) {
+        __m256 x = _mm256_broadcast_ss(a + (size_t)(r0 + i) * lda + kk);
+        s_lo[i] = _mm256_fmadd_ps(w_lo, x, s_lo[i]);
+        s_hi[i] = _mm256_fmadd_ps(w_hi, x, s_hi[i]);
+      }
+    }
+    for (int i = 0; i < R; i++)
+      o_lo[i] = _mm256_add_ps(o_lo[i], s_lo[i]), o_hi[i] = _mm256_add_ps(o_hi[i], s_hi[i]);
+    k0 += len;
+  }
+  for (int i = 0; i < R; i++) {
+    float *out = c + (size_t)(r0 + i) * ldc + j;
+    if (j + 16 <= n) {
+      _mm256_storeu_ps(out, o_lo[i]), _mm256_storeu_ps(out + 8, o_hi[i]);
+    } else { /* the last block's padding rows are computed and dropped */
+      float tmp[16];
+      _mm256_storeu_ps(tmp, o_lo[i]), _mm256_storeu_ps(tmp + 8, o_hi[i]);
+      memcpy(out, tmp, sizeof(float) * (size_t)(n - j));
+    }
+  }
+}
+
+/* c[r][j] for r < m and j in [j0, j1) (j0 a multiple of 16) from the packed weight, in
+ * rows_block's order: each output lane is one FMA chain over each K block, the block sums added
+ * in order. */
+static void packed_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
+                         const float *pk, float *c, int ldc) {
+  for (int j = j0; j < j1; j += 16) {
+    const float *block = pk + (size_t)j * k;
+    int r = 0;
+    for (; r + 4 <= m; r += 4) packed_rows(4, r, j, n, k, a, lda, block, c, ldc);
+    switch (m - r) {
+      case 3: packed_rows(3, r, j, n, k, a, lda, block, c, ldc); break;
+      case 2: packed_rows(2, r, j, n, k, a, lda, block, c, ldc); break;
+      case 1: packed_rows(1, r, j, n, k, a, lda, block, c, ldc); break;
+      default: break;
+    }
+  }
+}
+
+/* Packs weight `b` (n x k, leading dim ldb) for one-row products. 0: done (or already), 1: no
+ * memory, 2: table full. */
+int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
+  int blocks = (n + 15) / 16;
+  size_t floats = (size_t)blocks * 16 * k;
+  pthread_mutex_lock(&packed_mu);
+  unsigned h = packed_slot(b);
+  packed_t *slot = NULL;
+  for (int i = 0; i < PACKED; i++) {
+    packed_t *e = &packed_tab[(h + i) % PACKED];
+    if (e->b == NULL || e->b == b) {
+      slot = e;
+      break;
+    }
+  }
+  if (slot == NULL) {
+    pthread_mutex_unlock(&packed_mu);
+    return 2;
+  }
+  if (slot->b == b && slot->packed && slot->n == n && slot->k == k && slot->ldb == ldb) {
+    pthread_mutex_unlock(&packed_mu);
+    return 0;
+  }
+  float *pk = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+  if (!pk) {
+    pthread_mutex_unlock(&packed_mu);
+    return 1;
+  }
+  for (int jb = 0; jb < blocks; jb++)
+    for (int kk = 0; kk < k; kk++)
+      for (int l = 0; l < 16; l++) {
+        int j = jb * 16 + l;
+        pk[((size_t)jb * k + kk) * 16 + l] = j < n ? b[(size_t)j * ldb + kk] : 0.0f;
+      }
+  if (slot->b == b && slot->packed) { /* re-registered with another shape: replace */
+    float *old = slot->packed;
+    __atomic_store_n(&slot->packed, NULL, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
+    packed_bytes -= (long)((size_t)((slot->n + 15) / 16) * 16 * slot->k * sizeof(float));
+    free(old);
+  }
+  slot->n = n, slot->k = k, slot->ldb = ldb;
+  __atomic_store_n(&slot->packed, pk, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&slot->b, b, __ATOMIC_RELEASE);
+  packed_bytes += (long)(floats * sizeof(float));
+  pthread_mutex_unlock(&packed_mu);
+  return 0;
+}
+
+/* Drops the packed copy of `b` once no product reads it; its slot stays (a tombstone). */
+void skinny_gemm_unpack(const float *b) {
+  pthread_mutex_lock(&packed_mu);
+  unsigned h = packed_slot(b);
+  for (int i = 0; i < PACKED; i++) {
+    packed_t *e = &packed_tab[(h + i) % PACKED];
+    if (e->b == NULL) break;
+    if (e->b == b && e->packed) {
+      float *old = e->packed;
+      __atomic_store_n(&e->packed, NULL, __ATOMIC_SEQ_CST);
+      while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
+      packed_bytes -= (long)((size_t)((e->n + 15) / 16) * 16 * e->k * sizeof(float));
+      free(old);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&packed_mu);
+}
+
+long skinny_gemm_packed_bytes(void) { return packed_bytes; }
+
 /* Two threads: the calling thread takes the first half of the output, a helper the second. The
  * helper spins briefly for the next call (a decode step's matmuls come back to back), then sleeps.
  * One caller at a time uses the helper; a concurrent caller computes alone. */
 typedef struct {
-  int m, j0, j1, k, lda, ldb, ldc;
-  const float *a, *b;
+  int m, j0, j1, n, k, lda, ldb, ldc;
+  const float *a, *b, *pk; /* pk: b's packed copy, or NULL */
   float *c;
 } job_t;
+
+static void run_block(const job_t *w) {
+  if (w->pk)
+    packed_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->pk, w->c, w->ldc);
+  else
+    rows_block(w->m, w->j0, w->j1, w->k, w->a, w->lda, w->b, w->ldb, w->c, w->ldc);
+}
 static pthread_t helper;
 static int threads = 1, helper_started = 0;
 static pthread_mutex_t helper_owner = PTHREAD_MUTEX_INITIALIZER;
@@ -109,7 +289,7 @@ static void *helper_main(void *unused) {
       pthread_mutex_unlock(&mu);
     }
     __atomic_store_n(&job_ready, 0, __ATOMIC_RELAXED);
-    rows_block(job.m, job.j0, job.j1, job.k, job.a, job.lda, job.b, job.ldb, job.c, job.ldc);
+    run_block(&job);
     __atomic_store_n(&job_done, 1, __ATOMIC_RELEASE);
   }
   return NULL;
@@ -134,25 +314,33 @@ static int ensure_helper(void) {
 
 static void compute(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
                     float *c, int ldc) {
+  __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
+  const float *pk = packed_find(b, n, k, ldb);
+  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c};
   if (threads < 2 || n < 256 || pthread_mutex_trylock(&helper_owner) != 0) {
-    rows_block(m, 0, n, k, a, lda, b, ldb, c, ldc);
+    run_block(&whole);
+    __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return;
   }
   if (!ensure_helper()) {
     pthread_mutex_unlock(&helper_owner);
-    rows_block(m, 0, n, k, a, lda, b, ldb, c, ldc);
+    run_block(&whole);
+    __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return;
   }
-  int half = ((n / 2) + 7) / 8 * 8;
-  job = (job_t){m, half, n, k, lda, ldb, ldc, a, b, c};
+  int half = ((n / 2) + 15) / 16 * 16; /* a multiple of 16: a packed block is not split */
+  job = whole;
+  job.j0 = half;
   __atomic_store_n(&job_done, 0, __ATOMIC_RELAXED);
   pthread_mutex_lock(&mu);
   __atomic_store_n(&job_ready, 1, __ATOMIC_RELEASE);
   pthread_cond_signal(&cv);
   pthread_mutex_unlock(&mu);
-  rows_block(m, 0, half, k, a, lda, b, ldb, c, ldc);
+  whole.j1 = half;
+  run_block(&whole);
   while (!__atomic_load_n(&job_done, __ATOMIC_ACQUIRE)) _mm_pause();
   pthread_mutex_unlock(&helper_owner);
+  __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
 }
 
 /* The bits a row gets inside a prefill: OpenBLAS's sgemm over enough rows that it takes its
@@ -233,7 +421,8 @@ static void record(int n, int k, int verdict) {
 /* Products of 2-8 rows are taken only up to this size (m*n*k), where OpenBLAS may use its
  * small-matrix kernel; above it OpenBLAS's ordinary path has the reference bits itself and its
  * packed kernel is faster than this one's scalar FMA chains (a speculative verify of 8 rows over
- * every weight measured slower here). */
+ * every weight measured slower here). A weight with a packed copy is taken at any size: its rows
+ * are read once for all the product's rows (packed_rows). */
 #define SMALL_PRODUCT 1000000L
 static int reference_only = 0;
 
@@ -242,8 +431,8 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
   int verdict;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
   if (!(enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
-        m <= MAX_ROWS && (m == 1 || (long)m * n * k <= SMALL_PRODUCT) && k > 0 && n >= 8 &&
-        n % 8 == 0 && alpha == 1.0f && beta == 0.0f)) {
+        m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f && beta == 0.0f &&
+        (m == 1 || (long)m * n * k <= SMALL_PRODUCT || is_packed(b, n, k, ldb)))) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
