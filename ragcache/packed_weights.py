@@ -15,6 +15,7 @@ original), as much again as the float32 model. `RAGCACHE_PACKED_WEIGHTS=0` turns
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,8 @@ def decode_weights(model: nn.Module) -> list[mx.array]:
         if not isinstance(weight, mx.array) or weight.ndim != 2 or weight.dtype != mx.float32:
             continue
         if isinstance(module, nn.Linear):
-            linears.append(weight)
+            if "bias" not in module:  # with a bias MLX adds in the product (beta 1): not taken
+                linears.append(weight)
         elif isinstance(module, nn.Embedding):
             embeddings.append(weight)
     rows = {w.shape[0] for w in linears}
@@ -58,21 +60,24 @@ def pack_model(model: nn.Module, kernel: SkinnyGemm) -> PackedWeights:
     mx.eval(model.parameters())
     kept: list[Any] = []  # the weights themselves: their memory must not be reused while packed
     addresses: list[int] = []
+    # Set up before the first copy, so a failure half-way still unregisters what was packed.
+    weakref.finalize(model, _unpack, kernel, addresses, kept, os.getpid())
     total = 0
     for weight in decode_weights(model):
         view = np.array(weight, copy=False)  # the array's own memory, as sgemm is given it
         if not view.flags["C_CONTIGUOUS"]:
             continue
         n, k = weight.shape
+        kept.append(weight)
+        addresses.append(view.ctypes.data)
         if kernel.pack(view.ctypes.data, n, k):
-            kept.append(weight)
-            addresses.append(view.ctypes.data)
             total += (n + 15) // 16 * 16 * k * 4
-    weakref.finalize(model, _unpack, kernel, addresses, kept)
     return PackedWeights(len(addresses), total)
 
 
-def _unpack(kernel: SkinnyGemm, addresses: list[int], kept: list[Any]) -> None:
+def _unpack(kernel: SkinnyGemm, addresses: list[int], kept: list[Any], pid: int) -> None:
+    if os.getpid() != pid:  # a forked child: MLX cannot run there, nor is its copy anyone's
+        return
     mx.synchronize()  # no product still queued reads a copy about to be freed
     for address in addresses:
         kernel.unpack(address)

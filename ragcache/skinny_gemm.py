@@ -153,6 +153,11 @@ class SkinnyGemm:
             raise MemoryError("no memory for the reference product")
         return out
 
+    def product(self, a: Any, b: Any) -> Any:
+        """This kernel's a @ b.T for float32 numpy rows `a` (m x k) and `b` (n x k), computed as
+        a decode step's product is (from b's packed copy if b's memory is registered)."""
+        return self._product(self._lib.skinny_gemm_compute, a, b)
+
     def matches_openblas(
         self, n: int, k: int, seed: int = 0, m: int = 1, packed: bool = False
     ) -> bool:
@@ -165,7 +170,7 @@ class SkinnyGemm:
         if packed and not self.pack(b.ctypes.data, n, k):
             raise MemoryError("could not pack the weight")
         try:
-            mine = self._product(self._lib.skinny_gemm_compute, a, b)
+            mine = self.product(a, b)
         finally:
             if packed:
                 self.unpack(b.ctypes.data)
@@ -194,11 +199,13 @@ class SkinnyGemm:
         return None
 
     def counters(self) -> dict[str, int]:
-        """Calls taken, calls left to OpenBLAS, and shapes refused by their first-call check."""
+        """Calls taken, calls left to OpenBLAS, shapes refused by their first-call check, and
+        products computed from a packed copy of their weight."""
         return {
             "taken": int(self._lib.skinny_gemm_counter(0)),
             "passed": int(self._lib.skinny_gemm_counter(1)),
             "shapes_refused": int(self._lib.skinny_gemm_counter(2)),
+            "packed": int(self._lib.skinny_gemm_counter(3)),
         }
 
 

@@ -114,11 +114,19 @@ def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: boo
 
 @pytest.mark.parametrize("prompt_tokens", [90, 12])
 def test_a_window_that_cannot_take_a_draft_decodes_in_the_batch(
-    tiny_gemma: LoadedModel, prompt_tokens: int
+    tiny_gemma: LoadedModel, prompt_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Gemma's 24-token window has wrapped after a 90-token prompt: the sequence never goes solo
     (no speculative step). After a 12-token one it goes solo, and moves into the batch when its
     window fills. Either way, the tokens of plain greedy decoding."""
+    moved = []
+    merge = ModelWorker._merge_solo
+
+    def counted(worker: ModelWorker) -> None:
+        moved.append(1)
+        merge(worker)
+
+    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     engine = Engine(tiny_gemma)
     try:
         for seed in range(3):
@@ -126,13 +134,14 @@ def test_a_window_that_cannot_take_a_draft_decodes_in_the_batch(
             plain = run(engine, prompt, "off")
             fast = run(engine, prompt, "lookup")
             assert fast.tokens == plain.tokens and fast.text == plain.text, seed
-            assert len(fast.tokens) > 24 - prompt_tokens  # decoding went past a full window
             if prompt_tokens > 24:
                 assert fast.stats.decode_steps == 0 and fast.stats.drafted_tokens == 0
-            else:  # solo until the window filled, then in the batch for the rest
-                assert 0 < fast.stats.decode_steps < len(fast.tokens)
+            else:  # solo until the window filled (room: 24 - 12 - 2), then in the batch
+                assert len(fast.tokens) > 24
+                assert 0 < fast.stats.decode_steps <= 24 - prompt_tokens - 2 + 1
     finally:
         engine.close()
+    assert len(moved) == (0 if prompt_tokens > 24 else 3)
 
 
 def test_a_stop_string_inside_an_accepted_draft_ends_where_plain_decoding_does(

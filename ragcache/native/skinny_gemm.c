@@ -36,7 +36,7 @@ static sgemm_fn real_sgemm = NULL;
 static int enabled = 0;
 static int k_block = 0;  /* OpenBLAS's sgemm K block (GEMM_Q) */
 static int k_unroll = 1; /* how it rounds a split block */
-static long calls_taken = 0, calls_passed = 0, shapes_refused = 0;
+static long calls_taken = 0, calls_passed = 0, shapes_refused = 0, packed_products = 0;
 
 /* OpenBLAS's K partition (driver/level3/level3.c): blocks of GEMM_Q, except that a remainder
  * between Q and 2Q is split in two halves rounded up to the unroll. */
@@ -100,7 +100,9 @@ static pthread_mutex_t packed_mu = PTHREAD_MUTEX_INITIALIZER;
 static long packed_users = 0, packed_bytes = 0;
 
 static unsigned packed_slot(const float *b) {
-  return (unsigned)(((size_t)b >> 6) * 2654435761u) % PACKED;
+  /* Fibonacci hashing on all the address bits: large weights are page-aligned mmaps, whose low
+   * bits are all zero. */
+  return (unsigned)(((unsigned long long)(size_t)b * 0x9E3779B97F4A7C15ull) >> 52) % PACKED;
 }
 
 /* The entry for weight `b` (n x k, leading dim ldb), or NULL; the caller holds packed_users. */
@@ -112,7 +114,10 @@ static const float *packed_find(const float *b, int n, int k, int ldb) {
     if (eb == NULL) return NULL;
     if (eb == b) {
       float *pk = __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST);
-      return (pk && e->n == n && e->k == k && e->ldb == ldb) ? pk : NULL;
+      /* The slot may have been taken for another weight since b was read (b unregistered, its
+       * slot reused): that copy is the other weight's. */
+      if (!pk || __atomic_load_n(&e->b, __ATOMIC_SEQ_CST) != b) return NULL;
+      return (e->n == n && e->k == k && e->ldb == ldb) ? pk : NULL;
     }
   }
   return NULL;
@@ -182,50 +187,55 @@ static void packed_block(int m, int j0, int j1, int n, int k, const float *a, in
   }
 }
 
-/* Packs weight `b` (n x k, leading dim ldb) for one-row products. 0: done (or already), 1: no
- * memory, 2: table full. */
+static void ensure_atfork(void);
+
+static size_t packed_size(int n, int k) { return (size_t)((n + 15) / 16) * 16 * (size_t)k; }
+
+/* Packs weight `b` (n x k, leading dim ldb) for one-row products, copying its current contents
+ * (a registration of an address seen before replaces the old copy: the address may now hold
+ * another array). 0: done, 1: no memory, 2: table full. */
 int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
   int blocks = (n + 15) / 16;
-  size_t floats = (size_t)blocks * 16 * k;
-  pthread_mutex_lock(&packed_mu);
-  unsigned h = packed_slot(b);
-  packed_t *slot = NULL;
-  for (int i = 0; i < PACKED; i++) {
-    packed_t *e = &packed_tab[(h + i) % PACKED];
-    if (e->b == NULL || e->b == b) {
-      slot = e;
-      break;
-    }
-  }
-  if (slot == NULL) {
-    pthread_mutex_unlock(&packed_mu);
-    return 2;
-  }
-  if (slot->b == b && slot->packed && slot->n == n && slot->k == k && slot->ldb == ldb) {
-    pthread_mutex_unlock(&packed_mu);
-    return 0;
-  }
+  size_t floats = packed_size(n, k);
+  ensure_atfork(); /* a forked child must not wait for the parent's readers */
   float *pk = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-  if (!pk) {
-    pthread_mutex_unlock(&packed_mu);
-    return 1;
-  }
+  if (!pk) return 1;
   for (int jb = 0; jb < blocks; jb++)
     for (int kk = 0; kk < k; kk++)
       for (int l = 0; l < 16; l++) {
         int j = jb * 16 + l;
         pk[((size_t)jb * k + kk) * 16 + l] = j < n ? b[(size_t)j * ldb + kk] : 0.0f;
       }
-  if (slot->b == b && slot->packed) { /* re-registered with another shape: replace */
+  pthread_mutex_lock(&packed_mu);
+  /* b's own slot if it has one (up to the first empty slot, where a lookup stops), else the
+   * first free one on the way: an unregistered entry's, or the empty one. */
+  unsigned h = packed_slot(b);
+  packed_t *own = NULL, *reuse = NULL;
+  for (int i = 0; i < PACKED && own == NULL; i++) {
+    packed_t *e = &packed_tab[(h + i) % PACKED];
+    if (e->b == b) own = e;
+    else if (e->b == NULL || e->packed == NULL) {
+      if (reuse == NULL) reuse = e;
+      if (e->b == NULL) break;
+    }
+  }
+  packed_t *slot = own ? own : reuse;
+  if (slot == NULL) {
+    pthread_mutex_unlock(&packed_mu);
+    free(pk);
+    return 2;
+  }
+  if (slot->packed) { /* b registered before: readers may hold the old copy */
     float *old = slot->packed;
     __atomic_store_n(&slot->packed, NULL, __ATOMIC_SEQ_CST);
     while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
-    packed_bytes -= (long)((size_t)((slot->n + 15) / 16) * 16 * slot->k * sizeof(float));
+    packed_bytes -= (long)(packed_size(slot->n, slot->k) * sizeof(float));
     free(old);
   }
+  /* Taking a free slot: readers check `packed` (NULL until the end) before n, k and ldb. */
   slot->n = n, slot->k = k, slot->ldb = ldb;
-  __atomic_store_n(&slot->packed, pk, __ATOMIC_SEQ_CST);
   __atomic_store_n(&slot->b, b, __ATOMIC_RELEASE);
+  __atomic_store_n(&slot->packed, pk, __ATOMIC_SEQ_CST);
   packed_bytes += (long)(floats * sizeof(float));
   pthread_mutex_unlock(&packed_mu);
   return 0;
@@ -242,7 +252,7 @@ void skinny_gemm_unpack(const float *b) {
       float *old = e->packed;
       __atomic_store_n(&e->packed, NULL, __ATOMIC_SEQ_CST);
       while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
-      packed_bytes -= (long)((size_t)((e->n + 15) / 16) * 16 * e->k * sizeof(float));
+      packed_bytes -= (long)(packed_size(e->n, e->k) * sizeof(float));
       free(old);
       break;
     }
@@ -300,14 +310,20 @@ static void after_fork_in_child(void) {
   helper_started = 0;
   job_ready = 0;
   job_done = 1;
+  packed_users = 0; /* a product the parent was computing does not go on in the child */
+  pthread_mutex_init(&packed_mu, NULL);
   pthread_mutex_init(&helper_owner, NULL);
   pthread_mutex_init(&mu, NULL);
   pthread_cond_init(&cv, NULL);
 }
 
-static int ensure_helper(void) {
+static void ensure_atfork(void) {
   static int atfork_set = 0;
   if (!atfork_set) atfork_set = pthread_atfork(NULL, NULL, after_fork_in_child) == 0;
+}
+
+static int ensure_helper(void) {
+  ensure_atfork();
   if (!helper_started) helper_started = pthread_create(&helper, NULL, helper_main, NULL) == 0;
   return helper_started;
 }
@@ -316,6 +332,7 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
                     float *c, int ldc) {
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const float *pk = packed_find(b, n, k, ldb);
+  if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
   job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c};
   if (threads < 2 || n < 256 || pthread_mutex_trylock(&helper_owner) != 0) {
     run_block(&whole);
@@ -376,7 +393,8 @@ static int canonical(int m, int n, int k, const float *a, int lda, const float *
 }
 
 /* Shapes seen, with the verdict of their first call: 1 same bits as the reference, 2 not. A
- * shape is k with n's residue mod 64: the order of every sum depends on k alone, and the residue
+ * shape is k with n's residue mod 64 and whether the weight is read packed (bit 6), so each
+ * path is checked on its own first call: the order of every sum depends on k alone, and the residue
  * covers OpenBLAS's edge tiles, while attention's products (n = the context, one more each step)
  * do not fill the table. */
 #define SHAPES 1024
@@ -386,7 +404,7 @@ static struct {
 static pthread_mutex_t shapes_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static int verdict_for(int n, int k) {
-  n &= 63;
+  n &= 127;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   for (int i = 0; i < SHAPES; i++) {
     int s = (h + i) % SHAPES;
@@ -398,7 +416,7 @@ static int verdict_for(int n, int k) {
 }
 
 static void record(int n, int k, int verdict) {
-  n &= 63;
+  n &= 127;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   pthread_mutex_lock(&shapes_mu);
   for (int i = 0; i < SHAPES; i++) {
@@ -437,7 +455,8 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  verdict = reference_only ? 2 : verdict_for(n, k);
+  int shape = (n & 63) | (is_packed(b, n, k, ldb) ? 64 : 0);
+  verdict = reference_only ? 2 : verdict_for(shape, k);
   if (verdict == 2) { /* refused shape: the padded product gives the prefill's bits, slower */
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     if (!canonical(m, n, k, a, lda, b, ldb, c, ldc))
@@ -456,7 +475,7 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
     for (int r = 0; r < m && same; r++)
       same = memcmp(mine + (size_t)r * n, c + (size_t)r * ldc, sizeof(float) * (size_t)n) == 0;
     free(mine);
-    record(n, k, same ? 1 : 2);
+    record(shape, k, same ? 1 : 2);
     if (!same) __atomic_add_fetch(&shapes_refused, 1, __ATOMIC_RELAXED);
     return;
   }
@@ -494,7 +513,11 @@ void skinny_gemm_openblas(int m, int n, int k, const float *a, const float *b, f
 }
 void skinny_gemm_reference_only(int on) { reference_only = on; }
 
-/* 0: calls taken, 1: calls passed to OpenBLAS, 2: shapes refused by their first-call check. */
+/* 0: calls taken, 1: calls passed to OpenBLAS, 2: shapes refused by their first-call check,
+ * 3: products computed from a packed copy. */
 long skinny_gemm_counter(int which) {
-  return which == 0 ? calls_taken : which == 1 ? calls_passed : shapes_refused;
+  return which == 0   ? calls_taken
+         : which == 1 ? calls_passed
+         : which == 2 ? shapes_refused
+                      : packed_products;
 }

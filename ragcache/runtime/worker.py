@@ -447,11 +447,12 @@ class ModelWorker:
     def _decode_one_step(self) -> bool:
         if self._solo is not None:
             failpoints.hit("worker.solo_step")
+            seq = self._solo  # a step that moves it into the batch clears _solo first
             try:
                 self._solo_step()
             except Exception as exc:  # a failed step fails its request, not the worker
                 log.exception("speculative step failed")
-                self._fail(self._solo, exc)
+                self._fail(seq, exc)
             return True
         if not self._by_uid:
             return False
