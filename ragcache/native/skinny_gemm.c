@@ -446,16 +446,18 @@ static int reference_only = 0;
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  int verdict;
+  int verdict, packed = 0;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
-  if (!(enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
-        m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f && beta == 0.0f &&
-        (m == 1 || (long)m * n * k <= SMALL_PRODUCT || is_packed(b, n, k, ldb)))) {
+  int decode_shaped = enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
+                      m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f &&
+                      beta == 0.0f;
+  if (decode_shaped) packed = is_packed(b, n, k, ldb); /* looked up once per call */
+  if (!(decode_shaped && (m == 1 || (long)m * n * k <= SMALL_PRODUCT || packed))) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  int shape = (n & 63) | (is_packed(b, n, k, ldb) ? 64 : 0);
+  int shape = (n & 63) | (packed ? 64 : 0);
   verdict = reference_only ? 2 : verdict_for(shape, k);
   if (verdict == 2) { /* refused shape: the padded product gives the prefill's bits, slower */
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
