@@ -6,6 +6,8 @@ FAQ questions whose gold document holds the answer passage.
 command, an option, a default value) and whose `evidence` is the gold page's sentence stating it.
 `unanswerable_questions.jsonl`: questions that one of those corpora does not answer, for checking
 that an answerer says so instead of inventing an answer.
+`python_docs_topic_questions.jsonl`: questions about a few pages of the Python tutorial and HOWTOs,
+several per page, as people ask about one document (the chunk-reuse workload).
 """
 
 from __future__ import annotations
@@ -84,6 +86,22 @@ def load_unanswerable(root: Path | None = None) -> tuple[UnanswerableQuestion, .
         )
     return tuple(
         UnanswerableQuestion(**json.loads(line))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    )
+
+
+def load_topic_questions(root: Path | None = None) -> tuple[LabelledQuestion, ...]:
+    """Load the questions asked about single pages of `python_docs` (each question's `section`
+    is its page's topic, `gold_doc_id` the page). Raises DatasetNotFoundError when missing."""
+    path = (root or datasets_dir()) / "python_docs_topic_questions.jsonl"
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{path.name} not found under {path.parent}",
+            hint="it is written by hand: restore it from the repository",
+        )
+    return tuple(
+        _labelled(json.loads(line))
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip()
     )

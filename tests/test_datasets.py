@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ingest.sources import scan_paths
-from ragcache.datasets import DatasetNotFoundError, load_dataset
+from ragcache.datasets import DatasetNotFoundError, load_dataset, load_topic_questions
 
 
 def test_python_docs_questions_point_at_corpus_documents():
@@ -26,3 +26,23 @@ def test_missing_dataset_says_how_to_rebuild(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="not found") as info:
         load_dataset("python_docs", root=tmp_path)
     assert "build_python_docs.py" in (info.value.hint or "")
+
+
+def test_topic_questions_name_pages_that_state_their_answers():
+    """Each hand-written question about one page names a corpus page that holds its gold answer
+    (or an alias), so scoring an answer by containment can succeed."""
+    corpus = load_dataset("python_docs").corpus_dir
+    doc_ids = {f.doc_id for f in scan_paths([str(corpus)]).files}
+    questions = load_topic_questions()
+    assert len(questions) >= 80
+    assert len({q.id for q in questions}) == len(questions)
+    assert len({q.section for q in questions}) >= 10  # topics: several questions each
+    for q in questions:
+        assert q.gold_doc_id in doc_ids and q.question.endswith("?")
+        page = (corpus.parent / q.gold_doc_id).read_text().lower()
+        assert any(g.lower() in page for g in (q.answer, *q.aliases)), q.id
+
+
+def test_missing_topic_questions_are_a_clear_error(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="python_docs_topic_questions.jsonl"):
+        load_topic_questions(root=tmp_path)
