@@ -19,6 +19,12 @@ session stores only what it computed exactly). An entry keeps the chunk's K/V as
 in some prompt, keys rotated back to a canonical position (the chunk's first token at position 1,
 after the mark), so placing it at position p is one rotation by p - 1.
 
+An assembled prompt is stored too, whole, on a path that starts with `ASSEMBLED_MARK` (its keys
+as they were, at their own positions: it is only ever restored where it was): asked again with
+chunk reuse on, the same prompt (or one that starts like it) restores it in one copy instead of
+assembling it again, so a repeated question costs what it costs on the exact path and gets the
+same K/V, hence the same answer.
+
 Re-rotation is exact for rotary embeddings whose angle is linear in the position (plain RoPE,
 Llama 3 frequency scaling); models with other position schemes, sliding-window or recurrent
 layers, or quantized KV storage fall back to computing (`unsupported_reason`).
@@ -33,6 +39,7 @@ from typing import Any
 import mlx.core as mx
 
 CHUNK_MARK = -1  # first token of every chunk entry's path: never a real token id
+ASSEMBLED_MARK = -2  # first token of every stored assembled prompt's path
 _LINEAR_ROPES = ("RoPE", "Llama3RoPE")  # angle = position x frequency: rotations compose
 
 
@@ -41,11 +48,17 @@ def chunk_key(body: Sequence[int]) -> list[int]:
     return [CHUNK_MARK, *body]
 
 
+def assembled_key(tokens: Sequence[int]) -> list[int]:
+    """The tree path of an assembled prompt (its K/V partly copied, so never an exact prefix)."""
+    return [ASSEMBLED_MARK, *tokens]
+
+
 @dataclass(frozen=True)
 class CopiedKV:
     """K/V of prompt positions [start, end) taken from a chunk entry: body tokens from
-    `offset` on, one (keys, values) per layer, keys at their canonical positions, and each
-    layer's rotary module to move them with."""
+    `offset` on, one (keys, values) per layer, keys at their canonical positions (an
+    assembled prompt's at their own, with offset start - 1), and each layer's rotary module to
+    move them with."""
 
     start: int
     end: int
@@ -132,7 +145,9 @@ def rerotate(keys: mx.array, rope: Any, delta: int) -> mx.array:
 
 
 __all__ = [
+    "ASSEMBLED_MARK",
     "CHUNK_MARK",
+    "assembled_key",
     "CopiedKV",
     "Piece",
     "chunk_key",

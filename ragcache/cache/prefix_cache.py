@@ -24,6 +24,7 @@ from ragcache import failpoints
 from ragcache.cache.chunk_kv import (
     CopiedKV,
     Piece,
+    assembled_key,
     chunk_key,
     plan_assembly,
     rerotate,
@@ -302,31 +303,45 @@ class PrefixCache:
     def assemble(
         self, session: CacheSession, chunk_spans: Sequence[tuple[int, int]]
     ) -> list[CopiedKV]:
-        """Plan `session`'s prompt with chunk reuse: the K/V to copy from chunk entries (the
-        caller computes the rest). Limits the session to storing what stays exact, and has it
-        store the chunks it computes as entries at `finish`. Never raises for a cache problem:
-        the worst case is no copy (everything computed)."""
+        """Plan `session`'s prompt with chunk reuse: the K/V to copy (the caller computes the
+        rest): first the longest stored assembled prompt this one starts with, when it reaches
+        past the exact prefix, then chunk entries for the chunks after it. Limits the session to
+        storing what stays exact, and has it store the chunks it computes as entries, and the
+        assembled prompt, at `finish`. Never raises for a cache problem: the worst case is no
+        copy (everything computed)."""
         with self._lock:
             session.chunk_spans = list(chunk_spans)
             if self.chunk_unsupported is not None:
                 return []
+            assert self.ropes is not None  # else chunk_unsupported says why
             tokens = session.tokens
+            copies: list[CopiedKV] = []
+            start = session.start
+            earlier = self._entry(assembled_key(tokens[: len(tokens) - 1]), whole=False)
+            if (
+                earlier is not None
+                and earlier[0][0].shape[2] - start >= self.settings.chunk_min_tokens
+            ):
+                # Stored where it stands (no rotation): offset start - 1 moves it by nothing.
+                layers = [(k[..., start:, :], v[..., start:, :]) for k, v in earlier]
+                end = start + layers[0][0].shape[2]
+                copies.append(CopiedKV(start, end, start - 1, layers, self.ropes))
+                start = end
             entries: dict[int, list[tuple[mx.array, mx.array]]] = {}
             for i, (a, b) in enumerate(chunk_spans):
-                if a >= session.start:
-                    found = self._chunk_entry(tokens[a:b])
+                if a >= start:
+                    found = self._entry(chunk_key(tokens[a:b]), whole=True)
                     if found is not None:
                         entries[i] = found
             pieces = plan_assembly(
                 len(tokens),
-                session.start,
+                start,
                 chunk_spans,
                 entries.__contains__,
                 self.settings.chunk_recompute_tokens,
                 self.settings.chunk_min_tokens,
             )
-            assert self.ropes is not None  # else chunk_unsupported says why
-            copies = [_copied(p, entries, self.ropes) for p in pieces if p.copied]
+            copies += [_copied(p, entries, self.ropes) for p in pieces if p.copied]
             self.chunk_lookups += 1
             if copies:
                 copied = sum(c.end - c.start for c in copies)
@@ -341,15 +356,19 @@ class PrefixCache:
                     chunk_tokens=copied,
                     recomputed_tokens=lookup.recomputed_tokens - copied,
                 )
+                # Chunks before `start` came with the stored prompt: no entry to make for them.
                 reused = {c.chunk for c in pieces if c.copied}
-                session.chunk_spans = [s for i, s in enumerate(chunk_spans) if i not in reused]
+                session.chunk_spans = [
+                    s for i, s in enumerate(chunk_spans) if i not in reused and s[0] >= start
+                ]
             return copies
 
-    def _chunk_entry(self, body: Sequence[int]) -> list[tuple[mx.array, mx.array]] | None:
-        """Per layer (keys, values) of a chunk entry's body, or None when it is not (all) there."""
-        key = chunk_key(body)
+    def _entry(self, key: Sequence[int], whole: bool) -> list[tuple[mx.array, mx.array]] | None:
+        """Per layer (keys, values) of a marked entry's tokens after its mark: of the whole key
+        (`whole`: a chunk entry, None unless all there), or of the longest stored prefix of it
+        (an assembled prompt, None when not even one token is)."""
         match = self.tree.match(key)
-        if match.prefix_len < len(key):
+        if match.prefix_len < (len(key) if whole else 2):
             return None
         protect = {id(self.tree.root)} | {id(n) for n in match.path}
         data = []
@@ -358,14 +377,15 @@ class PrefixCache:
             if loaded is None:
                 return None  # unreadable disk copy, dropped: compute instead
             data.append(loaded[0])
-        cut = len(key) - match.path[-1].start
+        n = match.prefix_len
+        cut = n - match.path[-1].start
         out = []
         for i, kind in enumerate(self.kinds):
             spans = [payload[i] for payload in data]
             if cut < match.path[-1].n_tokens:
                 spans[-1] = kind.split(spans[-1], cut)[0]
-            cache = kind.restore(spans, None, len(key))
-            out.append((cache.keys[..., 1 : len(key), :], cache.values[..., 1 : len(key), :]))
+            cache = kind.restore(spans, None, n)
+            out.append((cache.keys[..., 1:n, :], cache.values[..., 1:n, :]))
         self.tree.touch(match.path)
         return out
 
@@ -377,7 +397,6 @@ class PrefixCache:
         with self._lock:
             if self.chunk_unsupported is not None or not spans:
                 return 0
-            assert self.ropes is not None
             added = 0
             for a, b in spans:
                 key = chunk_key(tokens[a:b])
@@ -385,29 +404,51 @@ class PrefixCache:
                     continue
                 if self.tree.match(key).prefix_len == len(key):
                     continue
-                synthetic = []
-                for cache, rope in zip(live, self.ropes, strict=True):
-                    keys = rerotate(cache.keys[..., a:b, :], rope, 1 - a)
-                    values = cache.values[..., a:b, :]
-                    pad = mx.zeros((*keys.shape[:2], 1, keys.shape[3]), dtype=keys.dtype)
-                    c = KVCache()
-                    c.keys = mx.concatenate([pad, keys], axis=2)
-                    c.values = mx.concatenate([pad.astype(values.dtype), values], axis=2)
-                    c.offset = len(key)
-                    synthetic.append(c)
-
-                def payload_for(x: int, y: int, caches: list[Any] = synthetic) -> Any:
-                    data = tuple(
-                        k.take_span(c, x, y) for k, c in zip(self.kinds, caches, strict=True)
-                    )
-                    evaluate(data)
-                    return data
-
-                if self.tree.insert(key, payload_for, None) is not None:
+                if self._insert_marked(key, live, a, rotate=True) is not None:
                     added += 1
             self.chunk_entries += added
             self._check_disk()
             return added
+
+    def store_assembled(self, live: Sequence[Any], tokens: Sequence[int]) -> None:
+        """Store a prompt whose K/V was partly copied (with what it generated), whole, for the
+        next request that starts like it (`assemble`). Copies only what the tree lacks."""
+        with self._lock:
+            if self.chunk_unsupported is not None or len(tokens) < 2:
+                return
+            if any(getattr(c, "offset", 0) < len(tokens) for c in live):
+                return
+            self._insert_marked(assembled_key(tokens), live, 0, rotate=False)
+            self._check_disk()
+
+    def _insert_marked(
+        self, key: list[int], live: Sequence[Any], first: int, rotate: bool
+    ) -> Node | None:
+        """Insert a marked entry whose token j (after the mark) is live position first + j;
+        `rotate`: keys rotated to the canonical layout (token j at position j + 1), else kept
+        at their own positions. The mark's own position holds zeros."""
+        assert self.ropes is not None
+        delta = 1 - first if rotate else 0
+
+        def payload_for(x: int, y: int) -> Any:
+            # Tree positions [x, y): live positions [first + x - 1, first + y - 1), mark at 0.
+            spans = []
+            for kind, cache, rope in zip(self.kinds, live, self.ropes, strict=True):
+                lo = first + max(x, 1) - 1
+                keys = rerotate(cache.keys[..., lo : first + y - 1, :], rope, delta)
+                values = cache.values[..., lo : first + y - 1, :]
+                if x == 0:
+                    pad = mx.zeros((*keys.shape[:2], 1, keys.shape[3]), dtype=keys.dtype)
+                    keys = mx.concatenate([pad, keys], axis=2)
+                    values = mx.concatenate([pad.astype(values.dtype), values], axis=2)
+                c = KVCache()
+                c.keys, c.values, c.offset = keys, values, keys.shape[2]
+                spans.append(kind.take_span(c, 0, y - x))
+            data = tuple(spans)
+            evaluate(data)
+            return data
+
+        return self.tree.insert(key, payload_for, None)
 
     # -- store (called by CacheSession) -------------------------------------------------------
     def store(self, session: CacheSession, tokens: Sequence[int], checkpoint: bool) -> Node | None:

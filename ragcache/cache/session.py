@@ -81,8 +81,9 @@ class CacheSession:
         self.lookup = lookup
         self._owner, self._tokens, self._pinned = owner, tokens, pinned
         # Chunk reuse (PrefixCache.assemble): tokens from here on hold copied K/V, which is close
-        # to but not what computing them gives, so they are never stored as an exact prefix;
-        # `chunk_spans` are the chunks this prompt computes, stored as chunk entries at finish.
+        # to but not what computing them gives, so they are never stored as an exact prefix (the
+        # whole prompt is stored as an assembled one); `chunk_spans` are the chunks this prompt
+        # computes, stored as chunk entries at finish.
         self.exact_until: int | None = None
         self.chunk_spans: list[tuple[int, int]] = []
         self._done = False
@@ -120,7 +121,8 @@ class CacheSession:
             keep = list(all_tokens)
             if not self._owner.settings.store_generated and not self._owner.snapshots:
                 keep = keep[: len(self._tokens)]  # span layers can store the prompt part alone
-            if self.exact_until is not None:
+            if self.exact_until is not None:  # assembled: whole as such, exact only so far
+                self._owner.store_assembled(self.prompt_cache, keep)
                 keep = keep[: self.exact_until]
             if keep:
                 self._keep(self._owner.store(self, keep, checkpoint=True))

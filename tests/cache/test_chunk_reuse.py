@@ -16,7 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ragcache.cache import CacheSettings, PrefixCache
-from ragcache.cache.chunk_kv import CHUNK_MARK, chunk_key, plan_assembly, rerotate, rope_modules
+from ragcache.cache.chunk_kv import (
+    ASSEMBLED_MARK,
+    CHUNK_MARK,
+    assembled_key,
+    chunk_key,
+    plan_assembly,
+    rerotate,
+    rope_modules,
+)
 from ragcache.engine import Completion, Engine
 from ragcache.errors import InvalidRequestError
 from ragcache.model_loader import LoadedModel
@@ -230,3 +238,67 @@ def test_chunk_reuse_runs_in_the_worker_batched(tiny_llama: LoadedModel) -> None
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="chunk reuse"):
         SamplingParams(chunk_reuse="blend-everything").validate()
+
+
+def test_an_assembled_prompt_asked_again_is_restored_whole_with_the_same_answer(
+    engine: Engine,
+) -> None:
+    """The second ask copies everything after the exact prefix in one piece (the stored
+    assembled prompt): only the last token is computed, and the K/V is the first ask's, so
+    the answer is too."""
+    cache = engine.cache
+    assert isinstance(cache, PrefixCache)
+    engine.generate(rag_prompt("ABD", [20, 21, 22]), params("epic"))
+    prompt = rag_prompt("ACD", [20, 21, 23])
+    first = engine.generate(prompt, params("epic"))
+    assert first.stats.chunk_reused_tokens > 0
+    again = engine.generate(prompt, params("epic"))
+    s = again.stats
+    assert s.recomputed_tokens == 1 and s.cached_tokens + s.chunk_reused_tokens == len(prompt) - 1
+    # exact as far as the first ask computed exactly: up to where its first copy began
+    assert s.cached_tokens == prompt.chunk_spans[2][0] + cache.settings.chunk_recompute_tokens
+    assert again.tokens == first.tokens
+    # a prompt that starts like it copies the stored one as far as they agree
+    longer = rag_prompt("ACD", [20, 21, 23, 24, 25])
+    follow = engine.generate(longer, params("epic"))
+    assert follow.stats.cached_tokens + follow.stats.chunk_reused_tokens >= len(prompt)
+
+
+def test_assembled_prompts_are_invisible_to_exact_lookups(engine: Engine) -> None:
+    engine.generate(rag_prompt("ABD", [20, 21, 22]), params("epic"))
+    prompt = rag_prompt("ACD", [20, 21, 23])
+    engine.generate(prompt, params("epic"))
+    cache = engine.cache
+    assert isinstance(cache, PrefixCache)
+    assert ASSEMBLED_MARK in cache.tree.root.children
+    assert cache.tree.match(assembled_key(prompt.tokens)).prefix_len == len(prompt) + 1
+    exact = engine.generate(prompt, params("off"))
+    assert exact.stats.chunk_reused_tokens == 0 and exact.stats.recomputed_tokens > 1
+    assert exact.tokens == cold(engine.loaded, prompt).tokens
+    cache.invalidate([CHUNKS["D"][:5]])  # a changed document takes its assembled prompts along
+    assert ASSEMBLED_MARK not in cache.tree.root.children
+
+
+def test_chunk_entries_and_assembled_prompts_survive_a_restart(
+    tiny_llama: LoadedModel, tmp_path
+) -> None:
+    """Both live in the disk tier like prefixes: a new process on the same folder copies a
+    chunk it never computed, and restores an assembled prompt it never assembled."""
+    settings = CacheSettings(cache_bytes=1 << 28, chunk_min_tokens=8, disk_dir=tmp_path)
+    first = PrefixCache(tiny_llama, settings)
+    engine = Engine(tiny_llama, cache=first)
+    try:
+        engine.generate(rag_prompt("ABD", [20, 21, 22]), params("epic"))
+        prompt = rag_prompt("ACD", [20, 21, 23])
+        before = engine.generate(prompt, params("epic"))
+    finally:
+        engine.close()  # flushes the disk tier
+    restarted = PrefixCache(tiny_llama, settings)
+    engine = Engine(tiny_llama, cache=restarted)
+    try:
+        again = engine.generate(prompt, params("epic"))
+        assert again.stats.recomputed_tokens == 1 and again.tokens == before.tokens
+        other = engine.generate(rag_prompt("EB", [20, 24]), params("epic"))
+        assert other.stats.chunk_reused_tokens > 0  # B's entry, from the folder
+    finally:
+        engine.close()
