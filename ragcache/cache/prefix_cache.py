@@ -427,13 +427,14 @@ class PrefixCache:
         """Insert a marked entry whose token j (after the mark) is live position first + j;
         `rotate`: keys rotated to the canonical layout (token j at position j + 1), else kept
         at their own positions. The mark's own position holds zeros."""
-        assert self.ropes is not None
+        ropes = self.ropes
+        assert ropes is not None
         delta = 1 - first if rotate else 0
 
         def payload_for(x: int, y: int) -> Any:
             # Tree positions [x, y): live positions [first + x - 1, first + y - 1), mark at 0.
             spans = []
-            for kind, cache, rope in zip(self.kinds, live, self.ropes, strict=True):
+            for kind, cache, rope in zip(self.kinds, live, ropes, strict=True):
                 lo = first + max(x, 1) - 1
                 keys = rerotate(cache.keys[..., lo : first + y - 1, :], rope, delta)
                 values = cache.values[..., lo : first + y - 1, :]
