@@ -146,14 +146,18 @@ def plot(result: dict, path: Path) -> None:
     if live:
         names = [n for n in ("1-replica", "2-affinity", "2-power-of-two") if n in live]
         bounded = live.get("memory_bound", {})
+        share = bounded.get("bounded_share") or 0.0
+        regimes = (
+            (-0.27, live, "questions, cache holds the stream"),
+            (0.0, bounded, f"questions, {share:.2f} of the working set per replica, RAM only"),
+            (0.27, live.get("conversations", {}), "chats: a third of turns are follow-ups"),
+        )
         xs_bar = range(len(names))
-        for offset, source, label in ((-0.2, live, "cache holds the stream"), (0.2, bounded, "")):
+        for offset, source, label in regimes:
             if not all(n in source for n in names):
                 continue
-            share = bounded.get("bounded_share")
-            label = label or f"{share:.2f} of the working set per replica, RAM only"
             heights = [source[n]["hit_rate"] for n in names]
-            axes[2].bar([x + offset for x in xs_bar], heights, width=0.4, label=label)
+            axes[2].bar([x + offset for x in xs_bar], heights, width=0.27, label=label)
             for x, h in zip(xs_bar, heights, strict=True):
                 axes[2].text(x + offset, h, f"{h:.3f}", ha="center", va="bottom", fontsize=8)
         axes[2].set_xticks(list(xs_bar), names)
@@ -233,6 +237,7 @@ def main() -> None:
         for key in ("replica_hit_ratio", "affinity_vs_random_hit"):
             result[key] = result["live_replicas"][key]
             result[f"{key}_memory_bound"] = result["live_replicas"]["memory_bound"][key]
+            result[f"{key}_conversations"] = result["live_replicas"]["conversations"][key]
     if not args.no_store:
         from benchmarks.scale_ingest import ray_vs_local, s3_store
         from ragcache.datasets import load_dataset

@@ -12,6 +12,11 @@ prompt tokens its replicas restored from their caches over all prompt tokens.
 - `affinity_vs_random_hit`: 2 replicas with affinity / 2 with power-of-two;
 - `single_replica_vs_random_hit`: 1 replica / 2 with power-of-two, the ceiling of the ratio above
   while one replica's cache holds the whole stream (as here: no eviction).
+
+Then the same three configurations on a chat stream (`conversation_stream`): a third of the
+turns are follow-ups (`conversation` sent back), each continuing one of the most recently
+started conversations with another question of the same FAQ page group, so its prompt extends
+the conversation's cached path. A follow-up is sent once the turn before it is answered.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import shutil
 import statistics
 import threading
 import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +57,48 @@ def faq_store(core: Settings, model: str) -> Path:
     return db
 
 
-def zipf_questions(n: int, seed: int) -> list[str]:
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    follows: int | None = None  # the stream index of the turn it follows up; None: a new chat
+
+
+def zipf_questions(n: int, seed: int) -> list[Turn]:
     questions = [q.question for q in load_dataset("python_docs").questions]
     rng = random.Random(seed)
     rng.shuffle(questions)  # popularity rank independent of file order
     weights = [1.0 / (rank + 1) for rank in range(len(questions))]
-    return rng.choices(questions, weights=weights, k=n)
+    return [Turn(q) for q in rng.choices(questions, weights=weights, k=n)]
+
+
+def conversation_stream(
+    n: int, seed: int, follow_up_share: float = 1 / 3, active: int = 6
+) -> list[Turn]:
+    """`n` turns: new conversations open with a Zipf-popular FAQ question; `follow_up_share` of
+    the turns continue one of the `active` most recently opened conversations with another
+    question of the same FAQ page group (the FAQ's `section`). Deterministic for a seed."""
+    questions = list(load_dataset("python_docs").questions)
+    rng = random.Random(seed)
+    rng.shuffle(questions)  # popularity rank independent of file order
+    weights = [1.0 / (rank + 1) for rank in range(len(questions))]
+    by_section: dict[str, list[str]] = defaultdict(list)
+    for q in questions:
+        by_section[q.section].append(q.question)
+    opened: deque[int] = deque(maxlen=active)  # first turns of the conversations still going
+    last_turn: dict[int, int] = {}
+    section: dict[int, str] = {}
+    turns: list[Turn] = []
+    for i in range(n):
+        if opened and rng.random() < follow_up_share:
+            chat = rng.choice(list(opened))
+            turns.append(Turn(rng.choice(by_section[section[chat]]), last_turn[chat]))
+            last_turn[chat] = i
+            continue
+        q = rng.choices(questions, weights=weights, k=1)[0]
+        turns.append(Turn(q.question))
+        opened.append(i)
+        last_turn[i], section[i] = i, q.section
+    return turns
 
 
 def run_config(
@@ -65,7 +108,7 @@ def run_config(
     name: str,
     replicas: int,
     routing: str,
-    stream: list[str],
+    stream: list[Turn],
     clients: int,
     k: int,
     cache_bytes: int | None = None,
@@ -96,6 +139,8 @@ def run_config(
     server = ServerThread(settings, core, services).start()
     ready_s = time.perf_counter() - started
     rows: list[dict[str, Any] | None] = [None] * len(stream)
+    answered = [threading.Event() for _ in stream]
+    chats: list[str] = [""] * len(stream)  # the conversation id each turn's answer returned
     next_index = iter(range(len(stream)))
     lock = threading.Lock()
     failures: list[BaseException] = []
@@ -105,6 +150,8 @@ def run_config(
             send()
         except BaseException as exc:  # a failed request must fail the run, not thin it
             failures.append(exc)
+            for event in answered:  # nobody waits for a turn that will never come
+                event.set()
 
     def send() -> None:
         with httpx.Client(base_url=server.base_url, timeout=600) as http:
@@ -113,12 +160,21 @@ def run_config(
                     i = next(next_index, None)
                 if i is None:
                     return
+                turn = stream[i]
+                body: dict[str, Any] = {
+                    "question": turn.question,
+                    "k": k,
+                    "max_tokens": 4,
+                    "stream": False,
+                }
+                if turn.follows is not None:  # taken in order, so it is answered or in flight
+                    answered[turn.follows].wait()
+                    body["conversation"] = chats[turn.follows]
                 t0 = time.perf_counter()
-                r = http.post(
-                    "/v1/ask",
-                    json={"question": stream[i], "k": k, "max_tokens": 4, "stream": False},
-                )
+                r = http.post("/v1/ask", json=body)
                 r.raise_for_status()
+                chats[i] = r.json()["conversation"]
+                answered[i].set()
                 usage = r.json()["usage"]
                 rows[i] = {
                     "prompt_tokens": usage["prompt_tokens"],
@@ -191,7 +247,7 @@ def live_replicas(
             "clients": clients,
             "k": k,
             "seed": seed,
-            "distinct_questions": len(set(stream)),
+            "distinct_questions": len({t.question for t in stream}),
         },
     }
     for name, replicas, routing in CONFIGS:
@@ -218,4 +274,19 @@ def live_replicas(
     bounded["replica_hit_ratio"] = round(aff / one, 4) if one else None
     bounded["affinity_vs_random_hit"] = round(aff / p2c, 4) if p2c else None
     out["memory_bound"] = bounded
+    chat = conversation_stream(requests, seed)
+    talk: dict[str, Any] = {
+        "follow_ups": sum(t.follows is not None for t in chat),
+        "distinct_questions": len({t.question for t in chat}),
+    }
+    for name, replicas, routing in CONFIGS:
+        talk[name] = run_config(
+            core, db, model, f"{name}-chat", replicas, routing, chat, clients, k
+        )
+        print(f"{name} chat", talk[name], flush=True)
+    one, aff, p2c = (talk[name]["hit_rate"] for name, _, _ in CONFIGS)
+    talk["replica_hit_ratio"] = round(aff / one, 4) if one else None
+    talk["affinity_vs_random_hit"] = round(aff / p2c, 4) if p2c else None
+    talk["single_replica_vs_random_hit"] = round(one / p2c, 4) if p2c else None
+    out["conversations"] = talk
     return out
