@@ -78,33 +78,27 @@ def load_dataset(name: str = "python_docs", root: Path | None = None) -> Dataset
 def load_unanswerable(root: Path | None = None) -> tuple[UnanswerableQuestion, ...]:
     """Load the questions whose answer is not in their named store (unanswerable_questions.jsonl).
     Raises DatasetNotFoundError when the file is missing."""
-    path = (root or datasets_dir()) / "unanswerable_questions.jsonl"
-    if not path.exists():
-        raise DatasetNotFoundError(
-            f"{path.name} not found under {path.parent}",
-            hint="it is written by hand: restore it from the repository",
-        )
-    return tuple(
-        UnanswerableQuestion(**json.loads(line))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    )
+    rows = _hand_written_rows((root or datasets_dir()) / "unanswerable_questions.jsonl")
+    return tuple(UnanswerableQuestion(**row) for row in rows)
 
 
 def load_topic_questions(root: Path | None = None) -> tuple[LabelledQuestion, ...]:
     """Load the questions asked about single pages of `python_docs` (each question's `section`
     is its page's topic, `gold_doc_id` the page). Raises DatasetNotFoundError when missing."""
-    path = (root or datasets_dir()) / "python_docs_topic_questions.jsonl"
+    rows = _hand_written_rows((root or datasets_dir()) / "python_docs_topic_questions.jsonl")
+    return tuple(_labelled(row) for row in rows)
+
+
+def _hand_written_rows(path: Path) -> list[dict]:
+    """The rows of a hand-written JSONL file (no script rebuilds it, so a missing one must be
+    restored from the repository)."""
     if not path.exists():
         raise DatasetNotFoundError(
             f"{path.name} not found under {path.parent}",
             hint="it is written by hand: restore it from the repository",
         )
-    return tuple(
-        _labelled(json.loads(line))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _labelled(row: dict) -> LabelledQuestion:
