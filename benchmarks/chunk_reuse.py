@@ -90,23 +90,17 @@ from ragcache.store import open_store  # noqa: E402
 
 K = 4  # chunks per prompt, as in the measurement
 REFERENCE_PAGES = ("git_docs/git-config.md", "git_docs/gitweb.conf.md")
-PARAPHRASES = (
+PARAPHRASES = (  # {s}: the corpus's subject ("Python", "git")
     "Tell me: {q}",
-    "In Python, {l}",
-    "Quick question. {q}",
-    "{q} Please answer briefly.",
-)
-GIT_PARAPHRASES = (
-    "Tell me: {q}",
-    "In git, {l}",
+    "In {s}, {l}",
     "Quick question. {q}",
     "{q} Please answer briefly.",
 )
 
 
-def paraphrase(question: str, rng: random.Random, templates: tuple[str, ...]) -> str:
-    template = rng.choice(templates)
-    return template.format(q=question, l=question[:1].lower() + question[1:])
+def paraphrase(question: str, rng: random.Random, subject: str) -> str:
+    template = rng.choice(PARAPHRASES)
+    return template.format(q=question, l=question[:1].lower() + question[1:], s=subject)
 
 
 def zipf_choice(items: list, rng: random.Random, exponent: float) -> Any:
@@ -127,7 +121,7 @@ def faq_stream(questions: list[dict], n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         q = dict(zipf_choice(ranked, rng, 1.0))
         if rng.random() < 1 / 3:
-            q["question"] = paraphrase(q["question"], rng, PARAPHRASES)
+            q["question"] = paraphrase(q["question"], rng, "Python")
             q["paraphrased"] = True
         stream.append({**q, "where": FAQ_PAGES, "topic": q["gold_doc_id"]})
     return stream
@@ -149,7 +143,7 @@ def docs_qa_stream(n: int, seed: int = 0) -> list[dict]:
         page = zipf_choice(pages, rng, 1.0)
         q = dict(rng.choice(topics[page]))
         if rng.random() < 1 / 3:
-            q["question"] = paraphrase(q["question"], rng, PARAPHRASES)
+            q["question"] = paraphrase(q["question"], rng, "Python")
             q["paraphrased"] = True
         stream.append({**q, "where": f"doc_id = '{page}'", "topic": page})
     return stream
@@ -174,7 +168,7 @@ def git_help_stream(questions: list[dict], n: int, seed: int = 0) -> list[dict]:
     for topic in rng.choices(ranked, weights=weights, k=n):
         q = dict(rng.choice(topics[topic]))
         if rng.random() < 0.5:
-            q["question"] = paraphrase(q["question"], rng, GIT_PARAPHRASES)
+            q["question"] = paraphrase(q["question"], rng, "git")
             q["paraphrased"] = True
         stream.append({**q, "where": None, "topic": topic})
     return stream

@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.rag_workload import zipf_stream
 from ingest.pipeline import JobSpec, run_job
 from ragcache.datasets import load_dataset
 from ragcache.settings import Settings, load_settings
@@ -64,11 +65,8 @@ class Turn:
 
 
 def zipf_questions(n: int, seed: int) -> list[Turn]:
-    questions = [q.question for q in load_dataset("python_docs").questions]
-    rng = random.Random(seed)
-    rng.shuffle(questions)  # popularity rank independent of file order
-    weights = [1.0 / (rank + 1) for rank in range(len(questions))]
-    return [Turn(q) for q in rng.choices(questions, weights=weights, k=n)]
+    questions = list(load_dataset("python_docs").questions)
+    return [Turn(q.question) for q in zipf_stream(questions, n, 1.0, seed)]
 
 
 def conversation_stream(
