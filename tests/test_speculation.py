@@ -3,12 +3,16 @@ the tokens greedy decoding gives (alone or batched, with or without the prefix c
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
+from dataclasses import replace
 
+import mlx.core as mx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Completion, Engine, TextDelta
@@ -16,6 +20,7 @@ from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
 from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
+from ragcache.runtime.speculate import CannotCutBack, cut_back
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 from ragcache.settings import GenerationSettings
@@ -104,21 +109,18 @@ def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: boo
                 assert fast.stats.cached_tokens > 0
     finally:
         engine.close()
-    if loaded.family == "llama":  # plain KV: the model copies its own loops, drafts get accepted
-        assert accepted > 0
-    # gemma's 24-token window has wrapped on these prompts: no draft may be checked there, since a
-    # rejected token could not be cut back out of the window
-    else:
-        assert accepted == 0
+    # The model copies its own loops, so drafts get accepted; gemma's 24-token window has wrapped
+    # on these 90-token prompts, and rejected drafts are cut back out of it (cut_back).
+    assert accepted > 0
 
 
 @pytest.mark.parametrize("prompt_tokens", [90, 12])
-def test_a_window_that_cannot_take_a_draft_decodes_in_the_batch(
+def test_a_sliding_window_speculates_before_and_after_it_wraps(
     tiny_gemma: LoadedModel, prompt_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Gemma's 24-token window has wrapped after a 90-token prompt: the sequence never goes solo
-    (no speculative step). After a 12-token one it goes solo, and moves into the batch when its
-    window fills. Either way, the tokens of plain greedy decoding."""
+    """Gemma's 24-token window has wrapped after a 90-token prompt; after a 12-token one it wraps
+    during the answer, inside a verify step. Either way the sequence speculates to its end
+    alone (it is never moved into the batch) and gives the tokens of plain greedy decoding."""
     moved = []
     merge = ModelWorker._merge_solo
 
@@ -128,20 +130,78 @@ def test_a_window_that_cannot_take_a_draft_decodes_in_the_batch(
 
     monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     engine = Engine(tiny_gemma)
+    accepted = 0
     try:
         for seed in range(3):
             prompt = repetitive_prompt(seed, prompt_tokens)
             plain = run(engine, prompt, "off")
             fast = run(engine, prompt, "lookup")
             assert fast.tokens == plain.tokens and fast.text == plain.text, seed
-            if prompt_tokens > 24:
-                assert fast.stats.decode_steps == 0 and fast.stats.drafted_tokens == 0
-            else:  # solo until the window filled (room: 24 - 12 - 2), then in the batch
-                assert len(fast.tokens) > 24
-                assert 0 < fast.stats.decode_steps <= 24 - prompt_tokens - 2 + 1
+            assert len(prompt.tokens) + len(fast.tokens) > 24 + 8  # past the window
+            assert fast.stats.decode_steps > 0
+            rejected = fast.stats.drafted_tokens - fast.stats.accepted_tokens
+            accepted += fast.stats.accepted_tokens
+            assert rejected > 0  # something was cut back out of the window
     finally:
         engine.close()
-    assert len(moved) == (0 if prompt_tokens > 24 else 3)
+    assert accepted > 0
+    assert moved == []
+
+
+# -- cutting a sliding window back, against what it must hold ----------------------------------
+def _window_ids(cache: RotatingKVCache) -> list[int]:
+    """The token ids the next one-token step attends to (besides itself), oldest first: a
+    copy of the cache takes a marker token through mlx-lm's own in-place write."""
+    probe = copy.deepcopy(cache)
+    marker = mx.full((1, 1, 1, 1), -1.0)
+    keys, _ = probe.update_and_fetch(marker, marker)
+    order = keys[0, 0, :, 0].tolist()
+    if probe.offset >= probe.max_size:  # the buffer is rotated: start after the marker's slot
+        at = order.index(-1.0)
+        order = order[at + 1 :] + order[: at + 1]
+    return [int(x) for x in order if x != -1.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(3, 12),
+    st.lists(st.tuples(st.integers(1, 9), st.integers(0, 8)), min_size=1, max_size=25),
+)
+def test_cut_back_leaves_a_sliding_window_as_if_the_tokens_were_never_fed(
+    window: int, steps: list[tuple[int, int]]
+) -> None:
+    """Steps of 1-9 tokens (one-token writes in place, longer ones through mlx-lm's concat),
+    after each multi-token step some of its tokens cut back off, as a rejected draft is: the
+    window always holds exactly the newest tokens that were kept."""
+    cache = RotatingKVCache(max_size=window, keep=0)
+    kept: list[int] = []
+    next_id = 1
+    for size, cut in steps:
+        ids = list(range(next_id, next_id + size))
+        next_id += size
+        x = mx.array(ids, dtype=mx.float32).reshape(1, 1, size, 1)
+        cache.update_and_fetch(x, x)
+        kept += ids
+        cut = min(cut, size - 1) if size > 1 else 0  # a verify keeps at least its first token
+        cut_back([cache], cut)
+        del kept[len(kept) - cut :]
+        assert cache.offset == len(kept)
+        assert _window_ids(cache) == kept[-(window - 1) :]
+
+
+def test_a_wrapped_one_token_write_is_not_cut_back() -> None:
+    """A one-token write into a wrapped window overwrote the oldest token: cutting more than it
+    wrote would leave the window short, so it is refused before any layer changes."""
+    cache = RotatingKVCache(max_size=4, keep=0)
+    x = mx.arange(1, 7, dtype=mx.float32).reshape(1, 1, 6, 1)
+    cache.update_and_fetch(x, x)
+    one = mx.full((1, 1, 1, 1), 7.0)
+    cache.update_and_fetch(one, one)
+    plain = KVCache()
+    plain.update_and_fetch(x, x)
+    with pytest.raises(CannotCutBack, match="sliding-window"):
+        cut_back([plain, cache], 2)
+    assert plain.offset == 6 and cache.offset == 7
 
 
 def test_a_stop_string_inside_an_accepted_draft_ends_where_plain_decoding_does(
@@ -192,11 +252,19 @@ def test_requests_that_batch_together_get_their_solo_tokens(tiny_llama: LoadedMo
 
 
 def test_requests_arriving_together_decode_as_one_batch_from_the_start(
-    tiny_llama: LoadedModel,
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A short prompt that finishes its prefill while longer ones are still prefilling does not
     start speculating alone only to be merged back a few steps later: it decodes in the batch
     (speculation's merge made 8 concurrent requests 0.88x as fast as with it off)."""
+    merged = []
+    merge = ModelWorker._merge_solo
+
+    def counted(worker: ModelWorker) -> None:
+        merged.append(1)
+        merge(worker)
+
+    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     prompts = [repetitive_prompt(0)] + [repetitive_prompt(s, 600) for s in range(1, 4)]
     settings = GenerationSettings(prefill_step_size=32)  # the long ones prefill in ~19 steps
     solo = Engine(tiny_llama, settings)
@@ -219,7 +287,55 @@ def test_requests_arriving_together_decode_as_one_batch_from_the_start(
         held.join()
         done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
         assert [d.tokens for d in done] == expected
-        assert all(d.stats.decode_steps == 0 for d in done)  # no speculative steps alone
+        assert merged == []  # nobody speculated alone while the others were still there
+        # at most the last one left speculates, once the others have finished
+        assert sum(d.stats.decode_steps > 0 for d in done) <= 1
+    finally:
+        worker.stop()
+
+
+def test_the_last_request_left_in_a_batch_speculates_the_rest_alone(loaded: LoadedModel) -> None:
+    """Two requests decode as one batch; when the short one ends, the other has the model to
+    itself and goes on speculatively (gemma: its window has wrapped), with the tokens of plain
+    greedy decoding. A new request then batches with it again."""
+    prompts = [repetitive_prompt(s) for s in range(3)]
+    short = SamplingParams(max_tokens=3, stop_loops=False)
+    long = SamplingParams(max_tokens=60, stop_loops=False)
+    solo = Engine(loaded)
+    expected = [solo.generate(prompts[0], replace(short, speculation="off")).tokens]
+    expected += [solo.generate(p, replace(long, speculation="off")).tokens for p in prompts[1:]]
+    solo.close()
+    worker = ModelWorker(Engine(loaded), WorkerSettings(max_batch=4)).start()
+    try:
+        entered, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # both are queued before the worker takes either
+            entered.set()
+            release.wait(30)
+
+        held = threading.Thread(target=worker.call, args=(hold,))
+        held.start()
+        assert entered.wait(30)
+        first, second = worker.submit(prompts[0], short), worker.submit(prompts[1], long)
+        release.set()
+        held.join()
+        events = second.events(timeout=60)
+        done_first = next(e for e in first.events(timeout=60) if isinstance(e, Completion))
+        # the third arrives while the second speculates alone: they batch from then on
+        done_second = None
+        for i, event in enumerate(events):
+            if isinstance(event, Completion):
+                done_second = event
+                break
+            if i == 20:
+                break
+        third = worker.submit(prompts[2], long)
+        done_second = done_second or next(e for e in events if isinstance(e, Completion))
+        done_third = next(e for e in third.events(timeout=60) if isinstance(e, Completion))
+        got = [done_first.tokens, done_second.tokens, done_third.tokens]
+        assert got == expected
+        assert done_first.stats.decode_steps == 0
+        assert done_second.stats.decode_steps > 0 and done_second.stats.drafted_tokens > 0
     finally:
         worker.stop()
 

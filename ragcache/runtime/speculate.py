@@ -6,9 +6,10 @@ token, and trims the KV cache back to what was kept. On this CPU a forward pass 
 reading the weights, so checking 8 tokens costs little more than decoding 1: every accepted token
 is nearly free. Greedy only: the accepted tokens are the ones greedy decoding picks.
 
-Only caches that can be cut back exactly are speculated on (plain KV caches, and sliding-window
-caches before their window wraps, per mlx-lm's `is_trimmable`); a sequence whose cache cannot be
-trimmed decodes one token per step through the same code.
+Only caches that can be cut back exactly are speculated on: plain KV caches, and sliding-window
+caches (`RotatingKVCache`) before and after their window wraps (`cut_back`: a multi-token step
+keeps the window's other tokens ahead of the new ones, so rejected tokens come off the end). A
+sequence whose cache cannot be cut back (recurrent state) is not speculated on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache
 
 from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
 
@@ -43,14 +44,15 @@ class SpeculativeDecoder:
         kv: list[Any],
         tokens: Sequence[int],
         settings: LookupSettings | None = None,
+        stats: DraftStats | None = None,
     ) -> None:
         """`tokens`: the sequence so far (the prompt), whose KV `kv` holds except for the last
-        piece fed by `first`."""
+        piece fed by `first`. `stats`: the counts of an earlier stretch of the same answer."""
         self.model = model
         self.kv = kv
         self.lookup = PromptLookup(tokens, settings)
         self.length = DraftLength(self.lookup.settings)
-        self.stats = DraftStats()
+        self.stats = stats or DraftStats()
         self.pending: int | None = None  # chosen, not yet fed to the model
 
     def first(self, rest: Sequence[int]) -> int:
@@ -71,7 +73,7 @@ class SpeculativeDecoder:
         while n < len(draft) and draft[n] == choice[n]:
             n += 1
         if len(draft) > n:  # the cache holds the rejected draft tokens: cut them back off
-            trim_prompt_cache(self.kv, len(draft) - n)
+            cut_back(self.kv, len(draft) - n)
         self.stats.steps += 1
         self.stats.drafted += len(draft)
         self.stats.accepted += n
@@ -88,8 +90,8 @@ class SpeculativeDecoder:
         """Trim the cache so it covers at most `n_tokens` tokens (a stop inside accepted
         tokens: the cache must not hold what comes after it)."""
         offset = min(getattr(c, "offset", 0) for c in self.kv)
-        if offset > n_tokens and can_trim_prompt_cache(self.kv):
-            trim_prompt_cache(self.kv, offset - n_tokens)
+        if offset > n_tokens:
+            cut_back(self.kv, offset - n_tokens)
 
 
 def greedy(logits: mx.array) -> mx.array:
@@ -100,14 +102,67 @@ def greedy(logits: mx.array) -> mx.array:
 
 
 def draft_room(kv: list[Any]) -> int:
-    """How many draft tokens the cache can take and still be cut back exactly: unbounded for
-    plain caches, up to the window for a sliding-window cache that has not wrapped (once the
-    window wraps, rejected tokens would have overwritten kept ones), 0 for anything else."""
-    if not can_trim_prompt_cache(kv):
-        return 0
-    room = 1 << 30
+    """How many draft tokens the cache can take and still be cut back exactly: unbounded when
+    every layer can be cut back (`cut_back`), 0 for anything else (recurrent state)."""
+    return _UNBOUNDED if all(_can_cut(c) for c in kv) else 0
+
+
+_UNBOUNDED = 1 << 30
+
+
+def _can_cut(cache: Any) -> bool:
+    if isinstance(cache, RotatingKVCache):
+        return True  # a step's tokens sit at its buffer's end: see cut_back
+    trimmable = getattr(cache, "is_trimmable", None)
+    return bool(trimmable and trimmable())
+
+
+class CannotCutBack(RuntimeError):
+    """The cache no longer holds what it held before the tokens to cut were fed."""
+
+
+def cut_back(kv: list[Any], n: int) -> None:
+    """Drop the last `n` tokens from every layer's cache, as if they had never been fed.
+
+    A plain KV cache only moves its offset back (mlx-lm's `trim`). A sliding-window cache
+    (`RotatingKVCache`) takes a multi-token step through mlx-lm's concat path: the window's
+    other tokens in temporal order, then the step's tokens at the end of the buffer. So the
+    rejected tokens come off the end there too, wrapped window or not, and nothing the next token
+    attends to was overwritten. A buffer longer than the window is then sliced to the tokens it
+    holds: mlx-lm's next one-token write into it drops tokens from its front, and a stale tail
+    left behind the cut would stay in the buffer as if it were live. A buffer of at most the
+    window keeps its stale tail, as after mlx-lm's own `trim`: the next one-token write lands on
+    it, and the next concat puts it first in temporal order and trims it off.
+
+    Raises CannotCutBack where a sliding-window layer overwrote a token the next token attends
+    to (a wrapped window's one-token write), before any layer is changed.
+    """
+    if n <= 0:
+        return
     for c in kv:
-        window = getattr(c, "max_size", None)
-        if window is not None:
-            room = min(room, window - c.offset - 2)  # the last token is fed with the draft
-    return max(0, room)
+        if isinstance(c, RotatingKVCache):
+            _check_window_cut(c, n)
+        elif not _can_cut(c):
+            raise CannotCutBack(f"a {type(c).__name__} layer cannot be cut back")
+    for c in kv:
+        if not isinstance(c, RotatingKVCache):
+            c.trim(n)
+            continue
+        keys, values, offset, keep, max_size, idx = c.state
+        end = idx - n
+        if keys.shape[2] > max_size:  # a concat's buffer: mlx-lm would trim its front
+            keys, values = keys[..., :end, :], values[..., :end, :]
+        c.state = (keys, values, offset - n, keep, max_size, end)
+
+
+def _check_window_cut(c: RotatingKVCache, n: int) -> None:
+    keys, _, offset, _, max_size, idx = c.state
+    # The buffer's order is temporal when it holds every token so far, or when its write
+    # position is its end (a concat, or one-token writes that just reached the last slot).
+    temporal = idx == offset or idx == keys.shape[2]
+    # What the next token attends to besides itself: up to max_size - 1 earlier tokens.
+    if not temporal or n > idx or idx - n < min(offset - n, max_size - 1):
+        raise CannotCutBack(
+            f"a sliding-window layer (window {max_size}, at {offset}) no longer holds the "
+            f"tokens before the last {n}"
+        )

@@ -33,7 +33,7 @@ from ragcache.engine import Engine
 from ragcache.errors import RagcacheError
 from ragcache.runtime.lookup import LookupSettings
 from ragcache.runtime.sequence import Sequence, cache_offset
-from ragcache.runtime.speculate import SpeculativeDecoder, draft_room
+from ragcache.runtime.speculate import SpeculativeDecoder, cut_back, draft_room
 from ragcache.runtime.threads import THREADS
 from ragcache.runtime.ticket import Ticket
 from ragcache.sampling import SamplingParams, make_request_sampler
@@ -392,10 +392,10 @@ class ModelWorker:
         offsets = all(isinstance(getattr(c, "offset", None), int) for c in seq.prompt_cache)
         if not (seq.params.speculation == "lookup" and seq.params.temperature == 0 and offsets):
             return False
-        # A cache that cannot take a draft once the prompt is in (a sliding window that has
-        # wrapped) never will: such a sequence decodes in the batch, whose steps overlap the
-        # next step's graph building with this one's compute (a solo step that drafts nothing
-        # measured ~7-10% slower on Gemma 3, benchmarks/speculative.py).
+        # A cache that cannot be cut back (recurrent state) never takes a draft: such a
+        # sequence decodes in the batch, whose steps overlap the next step's graph building with
+        # this one's compute (a solo step that drafts nothing measured ~7-10% slower on Gemma 3,
+        # benchmarks/speculative.py).
         rest = seq.decode_inputs()[0]
         return draft_room(seq.prompt_cache) > len(rest)
 
@@ -410,7 +410,7 @@ class ModelWorker:
     def _solo_step(self) -> None:
         seq = self._solo
         assert seq is not None and seq.spec is not None
-        if draft_room(seq.spec.kv) == 0:  # its window is full: no draft can be cut back any more
+        if draft_room(seq.spec.kv) == 0:  # no draft could be cut back any more
             self._merge_solo()
             return
         left = seq.max_tokens - len(seq.seen)
@@ -468,7 +468,39 @@ class ModelWorker:
             owner = self._by_uid.get(r.uid)
             if owner is not None:
                 self._on_token(owner, r.token, r.finish_reason, r.prompt_cache)
+        self._leave_batch_when_alone()
         return True
+
+    def _leave_batch_when_alone(self) -> None:
+        """The last sequence of a batch whose others finished, with no one waiting, decodes the
+        rest of its answer alone, speculatively: a request that arrived while another was
+        answering gets the speed of drafts once it has the model to itself."""
+        if self._solo is not None or len(self._by_uid) != 1:
+            return
+        ((uid, seq),) = self._by_uid.items()
+        if seq.prefilling or not seq.seen or not self._alone(seq) or not self._speculates(seq):
+            return
+        kv = self._remove_from_batch(seq)
+        del self._by_uid[uid]
+        seq.uid = None
+        try:
+            # The batch fed every token it returned, and has computed the next one without
+            # returning it: cut the last token back off and feed it again alone, so the next
+            # token comes from the solo path (the same token: batched and solo greedy agree).
+            fed = len(seq.prompt.tokens) + len(seq.seen) - 1
+            cut_back(kv, cache_offset(kv) - fed)
+            stats = seq.spec.stats if seq.spec is not None else None  # an earlier solo stretch
+            seq.spec = SpeculativeDecoder(
+                self.engine.loaded.model,
+                kv,
+                [*seq.prompt.tokens, *seq.seen],
+                self.settings.lookup,
+                stats,
+            )
+            self._solo = seq
+            self._solo_tokens(seq, [seq.spec.first(seq.seen[-1:])])
+        except Exception as exc:  # this request fails, not the worker
+            self._fail(seq, exc)
 
     def _on_token(self, seq: Sequence, token: int, finish: str | None, kv: Any) -> None:
         failpoints.hit("worker.on_token")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 
 pytestmark = pytest.mark.slow
+DOCS = Path(__file__).resolve().parents[2] / "datasets" / "python_docs"
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +38,26 @@ def test_cached_equals_cold_past_the_window(gemma: LoadedModel) -> None:
     # Sliding layers are spans: each prompt resumes exactly where its match ends.
     assert cached == [0, 560, 600, 300]
     assert cache.stats().checkpoints == 0
+
+
+def test_speculation_past_the_window_gives_plain_greedy_tokens(gemma: LoadedModel) -> None:
+    """Prompt-lookup drafts verified after the 512-token window has wrapped: rejected drafts are
+    cut back out of the sliding layers (runtime.speculate.cut_back), with and without the prefix
+    cache, and the answers are plain greedy decoding's, token for token."""
+    text = (DOCS / "tutorial" / "controlflow.rst").read_text()
+    words = text.split()
+    cache = PrefixCache(gemma, CacheSettings(cache_bytes=1 << 31))
+    engines = {"cold": Engine(gemma), "cached": Engine(gemma, cache=cache)}
+    drafted = accepted = 0
+    for start in (0, 700, 1400):  # three passages, each over 512 tokens, the second one twice
+        passage = " ".join(words[start : start + 600])
+        tokens = gemma.tokenizer.encode(f"{passage}\n\nRepeat the first paragraph above:\n")
+        prompt = SegmentedPrompt(tokens, [len(tokens)])
+        assert len(tokens) > 600
+        for name, engine in engines.items():
+            plain = engine.generate(prompt, SamplingParams(max_tokens=48, speculation="off"))
+            fast = engine.generate(prompt, SamplingParams(max_tokens=48, speculation="lookup"))
+            assert fast.tokens == plain.tokens, (start, name)
+            drafted += fast.stats.drafted_tokens
+            accepted += fast.stats.accepted_tokens
+    assert accepted > 0 and drafted > accepted  # drafts were taken and some were cut back
