@@ -56,7 +56,7 @@ class GenerationStats:
     finish_reason: str  # "stop" (eos or stop string), "length", "loop", "cancelled"
     drafted_tokens: int = 0  # speculation: draft tokens checked by the model
     accepted_tokens: int = 0  # of those, the ones it agreed with (each saved a decode step)
-    decode_steps: int = 0  # forward passes after the first token (0 when not counted)
+    decode_steps: int = 0  # speculation: verify passes, each 1 + its draft's tokens (0: none)
     chunk_reused_tokens: int = 0  # chunk reuse: prompt tokens whose K/V was copied, not computed
 
     @property

@@ -12,15 +12,20 @@ import mlx.core as mx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    BatchRotatingKVCache,
+    KVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 
 from ragcache.cache import CacheSettings, PrefixCache
 from ragcache.engine import Completion, Engine, TextDelta
 from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
 from ragcache.runtime import ModelWorker, WorkerSettings
-from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
-from ragcache.runtime.speculate import CannotCutBack, cut_back
+from ragcache.runtime.lookup import DraftLength, DraftPayoff, LookupSettings, PromptLookup
+from ragcache.runtime.speculate import CannotCutBack, SpeculativeDecoder, cut_back
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 from ragcache.settings import GenerationSettings
@@ -62,12 +67,109 @@ def test_draft_length_adapts_and_bad_settings_are_refused() -> None:
         LookupSettings(max_draft=0),
         LookupSettings(max_draft=33),
         LookupSettings(min_ngram=3, max_ngram=2),
+        LookupSettings(judge_after=-1),
+        LookupSettings(min_gain=0),
     )
     for bad in bad_settings:
         with pytest.raises(ConfigError):
             bad.validate()
     with pytest.raises(InvalidRequestError, match="speculation"):
         SamplingParams(speculation="medusa").validate()
+
+
+@given(
+    st.integers(1, 4),
+    st.lists(st.tuples(st.floats(0.01, 1.0), st.integers(0, 6), st.integers(1, 7)), max_size=30),
+)
+def test_drafting_pays_while_its_tokens_per_second_beat_plain_steps(
+    judge_after: int, steps: list[tuple[float, int, int]]
+) -> None:
+    payoff = DraftPayoff(judge_after)
+    for seconds, drafted, out in steps:
+        payoff.add(seconds, drafted, min(out, drafted + 1))
+    with_draft = [(t, min(o, d + 1)) for t, d, o in steps if d]
+    without = [t for t, d, _ in steps if not d]
+    if len(with_draft) < judge_after or len(without) < judge_after:
+        assert payoff.pays is None
+    else:
+        rate = sum(o for _, o in with_draft) / sum(t for t, _ in with_draft)
+        assert payoff.pays == (rate >= len(without) / sum(without))
+    assert DraftPayoff(0).pays is None  # never judged
+
+
+class DraftCostClock:
+    """A clock under which a step that checked a draft takes 10 s per draft token and a plain
+    step 1 s: drafting never pays."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.decoder: SpeculativeDecoder | None = None
+        self.drafted = 0
+
+    def __call__(self) -> float:
+        drafted = self.decoder.stats.drafted if self.decoder else 0
+        self.now += 1.0 + 10.0 * (drafted - self.drafted)
+        self.drafted = drafted
+        return self.now
+
+
+def long_answer(loaded: LoadedModel) -> tuple[SegmentedPrompt, list[int]]:
+    """A repetitive prompt whose plain greedy answer runs to the 40-token limit, and that answer."""
+    engine = Engine(loaded)
+    try:
+        answers = ((p, run(engine, p, "off")) for p in map(repetitive_prompt, range(20)))
+        prompt, plain = next((p, a) for p, a in answers if a.stats.finish_reason == "length")
+    finally:
+        engine.close()
+    return prompt, plain.tokens
+
+
+def test_a_sequence_stops_drafting_when_drafts_measure_slower(tiny_llama: LoadedModel) -> None:
+    prompt, expected = long_answer(tiny_llama)
+    kv = make_prompt_cache(tiny_llama.model)
+    tiny_llama.model(mx.array(prompt.tokens[:-1])[None], cache=kv)
+    clock = DraftCostClock()
+    settings = LookupSettings(judge_after=2)
+    decoder = SpeculativeDecoder(tiny_llama.model, kv, prompt.tokens, settings, clock=clock)
+    clock.decoder = decoder
+    tokens = [decoder.first(prompt.tokens[-1:])]
+    drafting_ended_at = None
+    while len(tokens) < 40:
+        tokens += decoder.step(40 - len(tokens))
+        if drafting_ended_at is None and not decoder.drafting:
+            drafting_ended_at = decoder.stats.drafted
+    assert tokens[:40] == expected
+    assert drafting_ended_at is not None and decoder.stats.drafted == drafting_ended_at
+    assert decoder.payoff.drafted_steps == 2 or decoder.payoff.plain_steps == 2
+
+
+def test_a_request_whose_drafts_do_not_pay_decodes_in_the_batch(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drafting must beat plain steps a thousandfold here, so it is judged not to pay after two
+    steps of each kind: the request moves into the batch for good (it does not leave it again
+    when alone) and still gets plain greedy's tokens."""
+    merged = []
+    merge = ModelWorker._merge_solo
+
+    def counted(worker: ModelWorker) -> None:
+        merged.append(1)
+        merge(worker)
+
+    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
+    prompt, expected = long_answer(tiny_llama)
+    lookup = LookupSettings(judge_after=2, min_gain=1000.0)
+    worker = ModelWorker(Engine(tiny_llama), WorkerSettings(lookup=lookup)).start()
+    try:
+        params = SamplingParams(max_tokens=40, stop_loops=False)
+        done = next(
+            e for e in worker.submit(prompt, params).events(timeout=60) if isinstance(e, Completion)
+        )
+        assert done.tokens == expected
+        assert done.stats.drafted_tokens > 0
+        assert merged == [1]
+    finally:
+        worker.stop()
 
 
 # -- exactness on real (tiny) models -----------------------------------------------------------
@@ -187,6 +289,31 @@ def test_cut_back_leaves_a_sliding_window_as_if_the_tokens_were_never_fed(
         del kept[len(kept) - cut :]
         assert cache.offset == len(kept)
         assert _window_ids(cache) == kept[-(window - 1) :]
+
+
+def test_a_window_taken_out_of_a_batch_cuts_its_last_token_back() -> None:
+    """What the worker does when the last request leaves a batch: its wrapped window, extracted
+    from mlx-lm's batched cache after one-token steps, is cut back by the token the batch fed
+    last; the next one-token step and the next verify step see exactly the newest kept tokens."""
+
+    def wrapped(ids: list[int]) -> RotatingKVCache:
+        cache = RotatingKVCache(max_size=5, keep=0)
+        x = mx.array(ids, dtype=mx.float32).reshape(1, 1, len(ids), 1)
+        cache.update_and_fetch(x, x)
+        return cache
+
+    batch = BatchRotatingKVCache.merge([wrapped(list(range(1, 10))), wrapped(list(range(20, 27)))])
+    for step in range(3):  # decode steps of the batch, written in place: the window rotates
+        t = mx.array([500.0 + step, 600.0 + step]).reshape(2, 1, 1, 1)
+        batch.update_and_fetch(t, t)
+    kept = [*range(20, 27), 600, 601]  # the second sequence, its last token (602) cut back
+    alone = batch.extract(1)
+    cut_back([alone], 1)
+    assert alone.offset == len(kept)
+    assert _window_ids(alone) == kept[-4:]
+    verify = mx.array([700.0, 701.0, 702.0]).reshape(1, 1, 3, 1)
+    keys, _ = alone.update_and_fetch(verify, verify)
+    assert keys[0, 0, :, 0].tolist() == [*kept[-4:], 700.0, 701.0, 702.0]
 
 
 def test_a_wrapped_one_token_write_is_not_cut_back() -> None:

@@ -29,6 +29,14 @@ class LookupSettings:
     max_ngram: int = 4  # longer suffixes first: they predict better
     max_draft: int = 8  # the verify pass costs little more than a step up to about 8 tokens here
     initial_draft: int = 4
+    # Whether drafting pays is measured per sequence: after this many steps that checked a draft
+    # and as many that had none (a plain decode step), drafting goes on only while its tokens
+    # per second beat the plain steps' by `min_gain`; otherwise the sequence stops drafting and
+    # decodes in the batch. On this CPU a verify's attention computes one exp per row, head and
+    # key, so 4 rows cost 1.4-1.7x a step (SmolLM2, Gemma 3 at ~960 tokens): a sequence that
+    # accepts little is slower drafting than not. 0: never judged.
+    judge_after: int = 8
+    min_gain: float = 1.0
 
     def validate(self) -> LookupSettings:
         """Raise ConfigError on values drafting cannot use; return self."""
@@ -40,6 +48,11 @@ class LookupSettings:
             raise ConfigError(
                 f"max_draft {self.max_draft} is above {MAX_DRAFT}: a verify that long costs more "
                 "than it can save (and long prefill attention is computed differently)"
+            )
+        if self.judge_after < 0 or self.min_gain <= 0:
+            raise ConfigError(
+                f"judge_after must be >= 0 and min_gain > 0, got {self.judge_after} and "
+                f"{self.min_gain}"
             )
         if self.max_draft < 1 or self.initial_draft < 1:
             raise ConfigError(
@@ -103,3 +116,37 @@ class DraftLength:
             self.value = min(self.max, self.value + 2)
         elif accepted * 2 < drafted:
             self.value = max(1, self.value - 1)
+
+
+@dataclass
+class DraftPayoff:
+    """Seconds per token of the steps that checked a draft against those of the steps that had
+    none, for one sequence: whether drafting pays, measured where it runs."""
+
+    judge_after: int
+    min_gain: float = 1.0
+    drafted_s: float = 0.0
+    drafted_steps: int = 0
+    drafted_out: int = 0  # tokens those steps decoded (accepted + the model's own)
+    plain_s: float = 0.0
+    plain_steps: int = 0
+
+    def add(self, seconds: float, drafted: int, out: int) -> None:
+        if drafted:
+            self.drafted_s += seconds
+            self.drafted_steps += 1
+            self.drafted_out += out
+        else:
+            self.plain_s += seconds
+            self.plain_steps += 1
+
+    @property
+    def pays(self) -> bool | None:
+        """False once both kinds of step were seen `judge_after` times and drafted steps gave
+        fewer than `min_gain` times the plain steps' tokens per second; None until then."""
+        n = self.judge_after
+        if n == 0 or self.drafted_steps < n or self.plain_steps < n:
+            return None
+        drafted_rate = self.drafted_out / self.drafted_s if self.drafted_s > 0 else float("inf")
+        plain_rate = self.plain_steps / self.plain_s if self.plain_s > 0 else float("inf")
+        return drafted_rate >= self.min_gain * plain_rate

@@ -14,14 +14,15 @@ sequence whose cache cannot be cut back (recurrent state) is not speculated on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
-from ragcache.runtime.lookup import DraftLength, LookupSettings, PromptLookup
+from ragcache.runtime.lookup import DraftLength, DraftPayoff, LookupSettings, PromptLookup
 
 
 @dataclass
@@ -45,15 +46,25 @@ class SpeculativeDecoder:
         tokens: Sequence[int],
         settings: LookupSettings | None = None,
         stats: DraftStats | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`tokens`: the sequence so far (the prompt), whose KV `kv` holds except for the last
-        piece fed by `first`. `stats`: the counts of an earlier stretch of the same answer."""
+        piece fed by `first`. `stats`: the counts of an earlier stretch of the same answer.
+        `clock`: what times the steps for `payoff`."""
         self.model = model
         self.kv = kv
         self.lookup = PromptLookup(tokens, settings)
-        self.length = DraftLength(self.lookup.settings)
+        s = self.lookup.settings
+        self.length = DraftLength(s)
+        self.payoff = DraftPayoff(s.judge_after, s.min_gain)
         self.stats = stats or DraftStats()
+        self.clock = clock
         self.pending: int | None = None  # chosen, not yet fed to the model
+
+    @property
+    def drafting(self) -> bool:
+        """False once drafting measured slower than plain steps for this sequence (`payoff`)."""
+        return self.payoff.pays is not False
 
     def first(self, rest: Sequence[int]) -> int:
         """Feed the prompt's final piece (its tokens are already in `lookup`); the first token."""
@@ -65,8 +76,8 @@ class SpeculativeDecoder:
     def step(self, max_new: int) -> list[int]:
         """Decode at least one and at most `max_new` tokens; return them in order."""
         assert self.pending is not None and max_new >= 1
-        room = draft_room(self.kv)
-        draft = self.lookup.draft(min(self.length.value, max_new - 1, room))
+        started = self.clock()
+        draft = self.lookup.draft(min(self.length.value, max_new - 1)) if self.drafting else []
         logits = self.model(mx.array([self.pending, *draft])[None], cache=self.kv)
         choice = cast(list[int], greedy(logits[0]).tolist())
         n = 0
@@ -80,6 +91,7 @@ class SpeculativeDecoder:
         self.length.update(len(draft), n)
         out = [*draft[:n], int(choice[n])]
         self._emit(out)
+        self.payoff.add(self.clock() - started, len(draft), len(out))
         return out
 
     def _emit(self, tokens: list[int]) -> None:
@@ -101,13 +113,10 @@ def greedy(logits: mx.array) -> mx.array:
     return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
 
 
-def draft_room(kv: list[Any]) -> int:
-    """How many draft tokens the cache can take and still be cut back exactly: unbounded when
-    every layer can be cut back (`cut_back`), 0 for anything else (recurrent state)."""
-    return _UNBOUNDED if all(_can_cut(c) for c in kv) else 0
-
-
-_UNBOUNDED = 1 << 30
+def can_cut_back(kv: list[Any]) -> bool:
+    """Whether every layer of the cache can take a draft and be cut back exactly (`cut_back`):
+    plain KV caches and sliding-window caches can, recurrent state cannot."""
+    return all(_can_cut(c) for c in kv)
 
 
 def _can_cut(cache: Any) -> bool:
@@ -132,7 +141,8 @@ def cut_back(kv: list[Any], n: int) -> None:
     holds: mlx-lm's next one-token write into it drops tokens from its front, and a stale tail
     left behind the cut would stay in the buffer as if it were live. A buffer of at most the
     window keeps its stale tail, as after mlx-lm's own `trim`: the next one-token write lands on
-    it, and the next concat puts it first in temporal order and trims it off.
+    it, and the next concat drops it (slicing the buffer at its write position before the window
+    wraps; after, putting it first in temporal order and trimming it off).
 
     Raises CannotCutBack where a sliding-window layer overwrote a token the next token attends
     to (a wrapped window's one-token write), before any layer is changed.

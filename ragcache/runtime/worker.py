@@ -33,7 +33,7 @@ from ragcache.engine import Engine
 from ragcache.errors import RagcacheError
 from ragcache.runtime.lookup import LookupSettings
 from ragcache.runtime.sequence import Sequence, cache_offset
-from ragcache.runtime.speculate import SpeculativeDecoder, cut_back, draft_room
+from ragcache.runtime.speculate import SpeculativeDecoder, can_cut_back, cut_back
 from ragcache.runtime.threads import THREADS
 from ragcache.runtime.ticket import Ticket
 from ragcache.sampling import SamplingParams, make_request_sampler
@@ -388,21 +388,30 @@ class ModelWorker:
         return self._active == [seq] and (self._inbox.empty() or not alone_can_batch)
 
     def _speculates(self, seq: Sequence) -> bool:
-        # Caches without a token offset (recurrent state) cannot be cut back or handed over.
-        offsets = all(isinstance(getattr(c, "offset", None), int) for c in seq.prompt_cache)
-        if not (seq.params.speculation == "lookup" and seq.params.temperature == 0 and offsets):
-            return False
         # A cache that cannot be cut back (recurrent state) never takes a draft: such a
         # sequence decodes in the batch, whose steps overlap the next step's graph building with
         # this one's compute (a solo step that drafts nothing measured ~7-10% slower on Gemma 3,
         # benchmarks/speculative.py).
-        rest = seq.decode_inputs()[0]
-        return draft_room(seq.prompt_cache) > len(rest)
+        return (
+            seq.params.speculation == "lookup"
+            and seq.params.temperature == 0
+            and can_cut_back(seq.prompt_cache)
+            and (seq.spec is None or seq.spec.drafting)  # it measured drafting slower: no more
+        )
 
     def _go_solo(self, seq: Sequence) -> None:
         rest, _, _ = seq.decode_inputs()
+        self._speculate_alone(seq, seq.prompt_cache, rest)
+
+    def _speculate_alone(self, seq: Sequence, kv: list[Any], rest: list[int]) -> None:
+        """Decode `seq` alone from here on with drafts: `kv` holds its prompt and answer so far
+        but for `rest`, which is fed first. Draft counts of an earlier solo stretch carry over."""
         seq.spec = SpeculativeDecoder(
-            self.engine.loaded.model, seq.prompt_cache, seq.prompt.tokens, self.settings.lookup
+            self.engine.loaded.model,
+            kv,
+            [*seq.prompt.tokens, *seq.seen],
+            self.settings.lookup,
+            seq.spec.stats if seq.spec is not None else None,
         )
         self._solo = seq
         self._solo_tokens(seq, [seq.spec.first(rest)])
@@ -410,7 +419,7 @@ class ModelWorker:
     def _solo_step(self) -> None:
         seq = self._solo
         assert seq is not None and seq.spec is not None
-        if draft_room(seq.spec.kv) == 0:  # no draft could be cut back any more
+        if not seq.spec.drafting:  # drafting measured slower here: the batch's steps pipeline
             self._merge_solo()
             return
         left = seq.max_tokens - len(seq.seen)
@@ -474,32 +483,29 @@ class ModelWorker:
     def _leave_batch_when_alone(self) -> None:
         """The last sequence of a batch whose others finished, with no one waiting, decodes the
         rest of its answer alone, speculatively: a request that arrived while another was
-        answering gets the speed of drafts once it has the model to itself."""
+        answering gets the speed of drafts once it has the model to itself. Leaving costs a copy
+        of its KV out of the batch and one forward pass (below); a newcomer moves it back in."""
         if self._solo is not None or len(self._by_uid) != 1:
             return
         ((uid, seq),) = self._by_uid.items()
         if seq.prefilling or not seq.seen or not self._alone(seq) or not self._speculates(seq):
             return
-        kv = self._remove_from_batch(seq)
-        del self._by_uid[uid]
-        seq.uid = None
         try:
-            # The batch fed every token it returned, and has computed the next one without
-            # returning it: cut the last token back off and feed it again alone, so the next
+            kv = self._remove_from_batch(seq)
+            del self._by_uid[uid]
+            seq.uid = None
+            # The batch has fed every token it returned, and computed the next one without
+            # returning it: the last token is cut back off and fed again alone, so the next
             # token comes from the solo path (the same token: batched and solo greedy agree).
             fed = len(seq.prompt.tokens) + len(seq.seen) - 1
-            cut_back(kv, cache_offset(kv) - fed)
-            stats = seq.spec.stats if seq.spec is not None else None  # an earlier solo stretch
-            seq.spec = SpeculativeDecoder(
-                self.engine.loaded.model,
-                kv,
-                [*seq.prompt.tokens, *seq.seen],
-                self.settings.lookup,
-                stats,
-            )
-            self._solo = seq
-            self._solo_tokens(seq, [seq.spec.first(seq.seen[-1:])])
+            extra = cache_offset(kv) - fed
+            if extra != 1:
+                raise RuntimeError(f"the batch's cache holds {extra} tokens past {fed}, not 1")
+            cut_back(kv, extra)
+            self._speculate_alone(seq, kv, seq.seen[-1:])
         except Exception as exc:  # this request fails, not the worker
+            self._by_uid.pop(uid, None)
+            seq.uid = None
             self._fail(seq, exc)
 
     def _on_token(self, seq: Sequence, token: int, finish: str | None, kv: Any) -> None:
