@@ -144,19 +144,11 @@ def test_a_sequence_stops_drafting_when_drafts_measure_slower(tiny_llama: Loaded
 
 
 def test_a_request_whose_drafts_do_not_pay_decodes_in_the_batch(
-    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: LoadedModel, merges: list[int]
 ) -> None:
     """Drafting must beat plain steps a thousandfold here, so it is judged not to pay after two
     steps of each kind: the request moves into the batch for good (it does not leave it again
     when alone) and still gets plain greedy's tokens."""
-    merged = []
-    merge = ModelWorker._merge_solo
-
-    def counted(worker: ModelWorker) -> None:
-        merged.append(1)
-        merge(worker)
-
-    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     prompt, expected = long_answer(tiny_llama)
     lookup = LookupSettings(judge_after=2, min_gain=1000.0)
     worker = ModelWorker(Engine(tiny_llama), WorkerSettings(lookup=lookup)).start()
@@ -167,9 +159,23 @@ def test_a_request_whose_drafts_do_not_pay_decodes_in_the_batch(
         )
         assert done.tokens == expected
         assert done.stats.drafted_tokens > 0
-        assert merged == [1]
+        assert merges == [1]
     finally:
         worker.stop()
+
+
+@pytest.fixture
+def merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per move of a speculating sequence into the batch (ModelWorker._merge_solo)."""
+    moves: list[int] = []
+    merge = ModelWorker._merge_solo
+
+    def counted(worker: ModelWorker) -> None:
+        moves.append(1)
+        merge(worker)
+
+    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
+    return moves
 
 
 # -- exactness on real (tiny) models -----------------------------------------------------------
@@ -218,19 +224,11 @@ def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: boo
 
 @pytest.mark.parametrize("prompt_tokens", [90, 12])
 def test_a_sliding_window_speculates_before_and_after_it_wraps(
-    tiny_gemma: LoadedModel, prompt_tokens: int, monkeypatch: pytest.MonkeyPatch
+    tiny_gemma: LoadedModel, prompt_tokens: int, merges: list[int]
 ) -> None:
     """Gemma's 24-token window has wrapped after a 90-token prompt; after a 12-token one it wraps
     during the answer, inside a verify step. Either way the sequence speculates to its end
     alone (it is never moved into the batch) and gives the tokens of plain greedy decoding."""
-    moved = []
-    merge = ModelWorker._merge_solo
-
-    def counted(worker: ModelWorker) -> None:
-        moved.append(1)
-        merge(worker)
-
-    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     engine = Engine(tiny_gemma)
     accepted = 0
     try:
@@ -247,7 +245,7 @@ def test_a_sliding_window_speculates_before_and_after_it_wraps(
     finally:
         engine.close()
     assert accepted > 0
-    assert moved == []
+    assert merges == []
 
 
 # -- cutting a sliding window back, against what it must hold ----------------------------------
@@ -379,19 +377,11 @@ def test_requests_that_batch_together_get_their_solo_tokens(tiny_llama: LoadedMo
 
 
 def test_requests_arriving_together_decode_as_one_batch_from_the_start(
-    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: LoadedModel, merges: list[int]
 ) -> None:
     """A short prompt that finishes its prefill while longer ones are still prefilling does not
     start speculating alone only to be merged back a few steps later: it decodes in the batch
     (speculation's merge made 8 concurrent requests 0.88x as fast as with it off)."""
-    merged = []
-    merge = ModelWorker._merge_solo
-
-    def counted(worker: ModelWorker) -> None:
-        merged.append(1)
-        merge(worker)
-
-    monkeypatch.setattr(ModelWorker, "_merge_solo", counted)
     prompts = [repetitive_prompt(0)] + [repetitive_prompt(s, 600) for s in range(1, 4)]
     settings = GenerationSettings(prefill_step_size=32)  # the long ones prefill in ~19 steps
     solo = Engine(tiny_llama, settings)
@@ -414,7 +404,7 @@ def test_requests_arriving_together_decode_as_one_batch_from_the_start(
         held.join()
         done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
         assert [d.tokens for d in done] == expected
-        assert merged == []  # nobody speculated alone while the others were still there
+        assert merges == []  # nobody speculated alone while the others were still there
         # at most the last one left speculates, once the others have finished
         assert sum(d.stats.decode_steps > 0 for d in done) <= 1
     finally:
