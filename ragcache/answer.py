@@ -88,6 +88,8 @@ class Figures:
     decode_tps: float
     total_s: float
     finish_reason: str
+    drafted_tokens: int = 0  # speculation: draft tokens the model checked
+    accepted_tokens: int = 0  # of those, the ones it agreed with
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,8 @@ class Answerer:
             decode_tps=round(s.decode_tps, 2),
             total_s=round(time.perf_counter() - started, 3),
             finish_reason=s.finish_reason,
+            drafted_tokens=s.drafted_tokens,
+            accepted_tokens=s.accepted_tokens,
         )
         by_number = {x.number: x for x in all_sources}
         quotes = [

@@ -186,7 +186,8 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
                 print(
                     f"\n[{s.prompt_tokens} prompt tokens, ttft {s.ttft_s:.2f} s, "
                     f"prefill {s.prefill_tps:.0f} tok/s, decode {s.decode_tps:.1f} tok/s, "
-                    f"{s.generated_tokens} tokens, {s.finish_reason}]",
+                    f"{s.generated_tokens} tokens ({s.accepted_tokens} of {s.drafted_tokens} "
+                    f"drafted accepted), {s.finish_reason}]",
                     file=sys.stderr,
                 )
         elif not args.json:
@@ -253,10 +254,14 @@ def _print_answer(done: AnswerDone, streamed: bool) -> None:
         where = " > ".join(s.heading_path)
         print(f"{mark}[{s.number}] {s.source}{' > ' + where if where else ''}  ({s.chunk_id})")
     f = done.figures
+    drafts = (
+        f", {f.accepted_tokens}/{f.drafted_tokens} drafted accepted" if f.drafted_tokens else ""
+    )
     print(
         f"[{done.method}, retrieval {f.retrieval_ms:.0f} ms, prompt {f.prompt_tokens} tokens "
         f"({f.cached_tokens} cached, {f.recomputed_tokens} computed), ttft "
-        f"{f.ttft_s:.2f} s, {f.decode_tps:.1f} tok/s, {f.finish_reason}, {f.total_s:.2f} s]",
+        f"{f.ttft_s:.2f} s, {f.decode_tps:.1f} tok/s{drafts}, {f.finish_reason}, "
+        f"{f.total_s:.2f} s]",
         file=sys.stderr,
     )
 

@@ -88,6 +88,11 @@ def test_answer_streams_with_numbered_sources_and_reuses_the_cache(
     assert text == done.completion.text  # the stream is the model's text; done.text is checked
     assert any("python" in s.source for s in sources.sources)
     assert done.figures.prompt_tokens > 0 and done.figures.retrieval_ms > 0
+    stats = done.completion.stats
+    assert (done.figures.drafted_tokens, done.figures.accepted_tokens) == (
+        stats.drafted_tokens,
+        stats.accepted_tokens,
+    )
     again = _ask(answerer, "Why does Python use indentation?", k=3)[2]
     assert again.completion.tokens == done.completion.tokens  # the cache never changes results
     assert again.figures.cached_tokens == again.figures.prompt_tokens - 1

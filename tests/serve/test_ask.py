@@ -38,6 +38,7 @@ def test_sse_stream_sends_sources_tokens_then_done(http: httpx.Client) -> None:
     assert usage["prompt_tokens"] == usage["cached_tokens"] + usage["recomputed_tokens"]
     assert 1 <= usage["completion_tokens"] <= 12 and usage["ttft_s"] > 0
     assert done["figures"]["retrieval_ms"] > 0
+    assert done["figures"]["drafted_tokens"] >= done["figures"]["accepted_tokens"] >= 0
 
 
 def test_repeated_question_restores_its_prompt_from_the_cache(http: httpx.Client) -> None:
