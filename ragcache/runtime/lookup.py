@@ -49,7 +49,7 @@ class LookupSettings:
                 f"max_draft {self.max_draft} is above {MAX_DRAFT}: a verify that long costs more "
                 "than it can save (and long prefill attention is computed differently)"
             )
-        if self.judge_after < 0 or self.min_gain <= 0:
+        if self.judge_after < 0 or not self.min_gain > 0:  # (NaN is not > 0)
             raise ConfigError(
                 f"judge_after must be >= 0 and min_gain > 0, got {self.judge_after} and "
                 f"{self.min_gain}"
@@ -130,6 +130,7 @@ class DraftPayoff:
     drafted_out: int = 0  # tokens those steps decoded (accepted + the model's own)
     plain_s: float = 0.0
     plain_steps: int = 0
+    gave_up: bool = False  # judged not to pay once: no more drafts for this sequence
 
     def add(self, seconds: float, drafted: int, out: int) -> None:
         if drafted:
@@ -139,6 +140,14 @@ class DraftPayoff:
         else:
             self.plain_s += seconds
             self.plain_steps += 1
+        self.gave_up = self.gave_up or self.pays is False
+
+    @property
+    def wants_plain_step(self) -> bool:
+        """Enough drafted steps were timed but too few without a draft (a repetitive answer
+        finds a draft nearly every step): the next step skips its draft so drafting is judged."""
+        n = self.judge_after
+        return n > 0 and not self.gave_up and self.drafted_steps >= n and self.plain_steps < n
 
     @property
     def pays(self) -> bool | None:

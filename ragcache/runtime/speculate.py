@@ -46,17 +46,18 @@ class SpeculativeDecoder:
         tokens: Sequence[int],
         settings: LookupSettings | None = None,
         stats: DraftStats | None = None,
+        payoff: DraftPayoff | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`tokens`: the sequence so far (the prompt), whose KV `kv` holds except for the last
-        piece fed by `first`. `stats`: the counts of an earlier stretch of the same answer.
-        `clock`: what times the steps for `payoff`."""
+        piece fed by `first`. `stats`, `payoff`: the counts and timings of an earlier stretch of
+        the same answer. `clock`: what times the steps for `payoff`."""
         self.model = model
         self.kv = kv
         self.lookup = PromptLookup(tokens, settings)
         s = self.lookup.settings
         self.length = DraftLength(s)
-        self.payoff = DraftPayoff(s.judge_after, s.min_gain)
+        self.payoff = payoff or DraftPayoff(s.judge_after, s.min_gain)
         self.stats = stats or DraftStats()
         self.clock = clock
         self.pending: int | None = None  # chosen, not yet fed to the model
@@ -64,7 +65,7 @@ class SpeculativeDecoder:
     @property
     def drafting(self) -> bool:
         """False once drafting measured slower than plain steps for this sequence (`payoff`)."""
-        return self.payoff.pays is not False
+        return not self.payoff.gave_up
 
     def first(self, rest: Sequence[int]) -> int:
         """Feed the prompt's final piece (its tokens are already in `lookup`); the first token."""
@@ -77,7 +78,8 @@ class SpeculativeDecoder:
         """Decode at least one and at most `max_new` tokens; return them in order."""
         assert self.pending is not None and max_new >= 1
         started = self.clock()
-        draft = self.lookup.draft(min(self.length.value, max_new - 1)) if self.drafting else []
+        skip = not self.drafting or self.payoff.wants_plain_step
+        draft = [] if skip else self.lookup.draft(min(self.length.value, max_new - 1))
         logits = self.model(mx.array([self.pending, *draft])[None], cache=self.kv)
         choice = cast(list[int], greedy(logits[0]).tolist())
         n = 0
@@ -120,6 +122,10 @@ def can_cut_back(kv: list[Any]) -> bool:
 
 
 def _can_cut(cache: Any) -> bool:
+    # A layer must count its tokens (`offset`) for a cut to be checked and for the cache to be
+    # handed over (a CacheList of two KV caches is trimmable but has no offset of its own).
+    if not isinstance(getattr(cache, "offset", None), int):
+        return False
     if isinstance(cache, RotatingKVCache):
         return True  # a step's tokens sit at its buffer's end: see cut_back
     trimmable = getattr(cache, "is_trimmable", None)

@@ -405,13 +405,15 @@ class ModelWorker:
 
     def _speculate_alone(self, seq: Sequence, kv: list[Any], rest: list[int]) -> None:
         """Decode `seq` alone from here on with drafts: `kv` holds its prompt and answer so far
-        but for `rest`, which is fed first. Draft counts of an earlier solo stretch carry over."""
+        but for `rest`, which is fed first. Draft counts and step timings of an earlier solo
+        stretch carry over."""
         seq.spec = SpeculativeDecoder(
             self.engine.loaded.model,
             kv,
             [*seq.prompt.tokens, *seq.seen],
             self.settings.lookup,
             seq.spec.stats if seq.spec is not None else None,
+            seq.spec.payoff if seq.spec is not None else None,
         )
         self._solo = seq
         self._solo_tokens(seq, [seq.spec.first(rest)])
