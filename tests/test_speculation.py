@@ -26,6 +26,7 @@ from ragcache.model_loader import LoadedModel
 from ragcache.runtime import ModelWorker, WorkerSettings
 from ragcache.runtime.lookup import DraftLength, DraftPayoff, LookupSettings, PromptLookup
 from ragcache.runtime.speculate import CannotCutBack, SpeculativeDecoder, cut_back
+from ragcache.runtime.ticket import Ticket
 from ragcache.sampling import SamplingParams
 from ragcache.segments import SegmentedPrompt
 from ragcache.settings import GenerationSettings
@@ -165,9 +166,7 @@ def test_a_request_whose_drafts_do_not_pay_decodes_in_the_batch(
     worker = ModelWorker(Engine(tiny_llama), WorkerSettings(lookup=lookup)).start()
     try:
         params = SamplingParams(max_tokens=40, stop_loops=False)
-        done = next(
-            e for e in worker.submit(prompt, params).events(timeout=60) if isinstance(e, Completion)
-        )
+        done = completion(worker.submit(prompt, params))
         assert done.tokens == expected
         assert done.stats.drafted_tokens > 0
         assert merges == [1]
@@ -198,6 +197,11 @@ def repetitive_prompt(seed: int, n: int = 90) -> SegmentedPrompt:
     while len(tokens) < n:
         tokens += rng.choice(phrases)
     return SegmentedPrompt(tokens[:n], [n // 2, n])
+
+
+def completion(ticket: Ticket) -> Completion:
+    """The completion a worker's ticket ends with (its text deltas skipped)."""
+    return next(e for e in ticket.events(timeout=60) if isinstance(e, Completion))
 
 
 def run(engine: Engine, prompt: SegmentedPrompt, mode: str, **kw: object) -> Completion:
@@ -248,9 +252,7 @@ def test_a_sliding_window_speculates_before_and_after_it_wraps(
 
     def answer(prompt: SegmentedPrompt, mode: str) -> Completion:
         params = SamplingParams(max_tokens=40, stop_loops=False, speculation=mode)  # type: ignore[arg-type]
-        return next(
-            e for e in worker.submit(prompt, params).events(timeout=60) if isinstance(e, Completion)
-        )
+        return completion(worker.submit(prompt, params))
 
     try:
         for seed in range(3):
@@ -389,9 +391,7 @@ def test_requests_that_batch_together_get_their_solo_tokens(tiny_llama: LoadedMo
         assert isinstance(next(first_events), TextDelta)
         tickets = [worker.submit(p, params) for p in prompts[1:]]
         done = [next(e for e in first_events if isinstance(e, Completion))]
-        done += [
-            next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets
-        ]
+        done += [completion(t) for t in tickets]
         assert [d.tokens for d in done] == expected
         assert done[0].stats.decode_steps > 0  # it did speculate before the others joined
     finally:
@@ -424,7 +424,7 @@ def test_requests_arriving_together_decode_as_one_batch_from_the_start(
         tickets = [worker.submit(p, params) for p in prompts]
         release.set()
         held.join()
-        done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
+        done = [completion(t) for t in tickets]
         assert [d.tokens for d in done] == expected
         assert merges == []  # nobody speculated alone while the others were still there
         # at most the last one left speculates, once the others have finished
@@ -459,7 +459,7 @@ def test_the_last_request_left_in_a_batch_speculates_the_rest_alone(loaded: Load
         release.set()
         held.join()
         events = second.events(timeout=60)
-        done_first = next(e for e in first.events(timeout=60) if isinstance(e, Completion))
+        done_first = completion(first)
         # the third arrives while the second speculates alone: they batch from then on
         done_second = None
         for i, event in enumerate(events):
@@ -470,7 +470,7 @@ def test_the_last_request_left_in_a_batch_speculates_the_rest_alone(loaded: Load
                 break
         third = worker.submit(prompts[2], long)
         done_second = done_second or next(e for e in events if isinstance(e, Completion))
-        done_third = next(e for e in third.events(timeout=60) if isinstance(e, Completion))
+        done_third = completion(third)
         got = [done_first.tokens, done_second.tokens, done_third.tokens]
         assert got == expected
         assert done_first.stats.decode_steps == 0
@@ -485,7 +485,7 @@ def test_with_one_slot_a_request_speculates_though_others_wait(tiny_llama: Loade
     try:
         params = SamplingParams(max_tokens=20, stop_loops=False)
         tickets = [worker.submit(repetitive_prompt(s), params) for s in range(3)]
-        done = [next(e for e in t.events(timeout=60) if isinstance(e, Completion)) for t in tickets]
+        done = [completion(t) for t in tickets]
         assert all(d.stats.decode_steps > 0 for d in done)
     finally:
         worker.stop()

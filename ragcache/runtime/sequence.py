@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from ragcache.engine import CacheSessionLike, Completion, Engine, GenerationStats, TextDelta
 from ragcache.loop_guard import LoopGuard
-from ragcache.runtime.speculate import SpeculativeDecoder
+from ragcache.runtime.speculate import SpeculativeDecoder, cache_offset
 from ragcache.runtime.ticket import DONE, Ticket
 from ragcache.sampling import SamplingParams, StopMatcher
 from ragcache.segments import SegmentedPrompt
@@ -197,9 +197,3 @@ class Sequence:
                 log.exception("could not release request %s's cache session", self.ticket.id)
         self.ticket.put(exc)
         self.ticket.put(DONE)
-
-
-def cache_offset(prompt_cache: list[Any]) -> int:
-    offsets = [getattr(c, "offset", None) for c in prompt_cache]
-    known = [o for o in offsets if isinstance(o, int)]
-    return min(known) if known else 0

@@ -103,9 +103,7 @@ class SpeculativeDecoder:
     def cut_to(self, n_tokens: int) -> None:
         """Trim the cache so it covers at most `n_tokens` tokens (a stop inside accepted
         tokens: the cache must not hold what comes after it)."""
-        offset = min(getattr(c, "offset", 0) for c in self.kv)
-        if offset > n_tokens:
-            cut_back(self.kv, offset - n_tokens)
+        cut_back(self.kv, cache_offset(self.kv) - n_tokens)
 
 
 def greedy(logits: mx.array) -> mx.array:
@@ -113,6 +111,13 @@ def greedy(logits: mx.array) -> mx.array:
     the log-probabilities, not of the raw logits): in a low-precision dtype the normalisation can
     turn a narrow maximum into a tie, and both paths must break it the same way."""
     return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+
+
+def cache_offset(prompt_cache: list[Any]) -> int:
+    """The tokens every layer holds: the least of the layers' offsets (0 when none has one)."""
+    offsets = [getattr(c, "offset", None) for c in prompt_cache]
+    known = [o for o in offsets if isinstance(o, int)]
+    return min(known) if known else 0
 
 
 def can_cut_back(kv: list[Any]) -> bool:

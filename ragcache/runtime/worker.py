@@ -32,8 +32,13 @@ from ragcache import failpoints
 from ragcache.engine import Engine
 from ragcache.errors import RagcacheError
 from ragcache.runtime.lookup import LookupSettings
-from ragcache.runtime.sequence import Sequence, cache_offset
-from ragcache.runtime.speculate import SpeculativeDecoder, can_cut_back, cut_back
+from ragcache.runtime.sequence import Sequence
+from ragcache.runtime.speculate import (
+    SpeculativeDecoder,
+    cache_offset,
+    can_cut_back,
+    cut_back,
+)
 from ragcache.runtime.threads import THREADS
 from ragcache.runtime.ticket import Ticket
 from ragcache.sampling import SamplingParams, make_request_sampler
