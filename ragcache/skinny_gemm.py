@@ -199,13 +199,16 @@ class SkinnyGemm:
         return None
 
     def counters(self) -> dict[str, int]:
-        """Calls taken, calls left to OpenBLAS, shapes refused by their first-call check, and
-        products computed from a packed copy of their weight."""
+        """Calls taken, calls left to OpenBLAS, shapes refused by their first-call check,
+        products computed from a packed copy of their weight, and of the products split over
+        two threads, the second halves the helper computed and those the caller took back."""
         return {
             "taken": int(self._lib.skinny_gemm_counter(0)),
             "passed": int(self._lib.skinny_gemm_counter(1)),
             "shapes_refused": int(self._lib.skinny_gemm_counter(2)),
             "packed": int(self._lib.skinny_gemm_counter(3)),
+            "helper_halves": int(self._lib.skinny_gemm_counter(4)),
+            "halves_taken_back": int(self._lib.skinny_gemm_counter(5)),
         }
 
 

@@ -259,3 +259,31 @@ def test_a_forked_child_computes_without_hanging(kernel) -> None:
     assert queue.get(timeout=60) is True
     child.join(timeout=30)
     assert child.exitcode == 0
+
+
+def test_a_split_products_second_half_has_the_same_bits_whoever_computes_it(kernel) -> None:
+    """On two threads the helper computes a product's second half, unless it has not started
+    it (asleep) by the time the caller finishes the first: then the caller takes it back. Both
+    ways give the reference bits. Big products back to back find the helper spinning; a small
+    one after a pause finds it asleep."""
+    import time
+
+    k_block, unroll = kernel.blocking
+    threads = kernel.threads
+    kernel.configure(True, k_block, unroll, 2)
+    try:
+        before = kernel.counters()
+        for attempt in range(200):
+            assert kernel.matches_openblas(4096, 1024, seed=attempt)  # halves of ~0.3 ms
+            time.sleep(0.002)  # the helper stops spinning after 30 us and sleeps
+            assert kernel.matches_openblas(256, 64, seed=attempt)  # halves of a few us
+            after = kernel.counters()
+            if (
+                after["helper_halves"] > before["helper_halves"]
+                and after["halves_taken_back"] > before["halves_taken_back"]
+            ):
+                break
+        else:
+            pytest.fail(f"not both ways in 200 attempts: {before} -> {after}")
+    finally:
+        kernel.configure(True, k_block, unroll, threads)
