@@ -34,6 +34,7 @@ class DoctorReport:
     model_quantization: str
     free_memory_bytes: int
     attention: str = ""  # which softmax long attention uses, and why
+    rope: str = ""  # whether nn.RoPE runs from tables of its cos and sin, and why
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
 
@@ -95,6 +96,7 @@ def run_doctor(settings: Settings) -> DoctorReport:
         model_quantization=quantization,
         free_memory_bytes=free_memory_bytes(),
         attention=f"{'fast' if fast else 'mlx'}: {why}",
+        rope=_rope_line(settings),
     )
     if not status.optimized and sys.platform.startswith("linux"):
         report.problems.append(f"MLX runs on the reference BLAS: {status.reason}")
@@ -116,6 +118,16 @@ def run_doctor(settings: Settings) -> DoctorReport:
     return report
 
 
+def _rope_line(settings: Settings) -> str:
+    import mlx.core as mx
+
+    if not settings.blas.rope_tables:
+        return "mlx: RAGCACHE_ROPE_TABLES=0"
+    if mx.default_device().type != mx.cpu:
+        return "mlx: not on the CPU, MLX's own rope kernel is used"
+    return "tables: cos and sin computed once, MLX's bits (ragcache.rope_table)"
+
+
 def format_report(report: DoctorReport) -> str:
     b = report.blas
     lines = [
@@ -125,6 +137,7 @@ def format_report(report: DoctorReport) -> str:
         f"({b['core_type_source'] or '-'}): {b['reason']}",
         f"decode gemm   {'on' if b['skinny_gemm'] else 'off'}: {b['skinny_gemm_reason'] or '-'}",
         f"attention     {report.attention}",
+        f"rope          {report.rope}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "
         f"({'ready' if report.model_prepared else 'not prepared'})",

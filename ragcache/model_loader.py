@@ -92,7 +92,7 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     such as the HTTP front of Ray Serve replicas."""
     from mlx_lm import load
 
-    from ragcache import attention
+    from ragcache import attention, rope_table
     from ragcache.blas import skinny_kernel
     from ragcache.packed_weights import pack_model
     from ragcache.settings import read_blas_settings
@@ -110,6 +110,12 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     if read_blas_settings().fast_softmax:
         attention.install(model)
     numerics = attention.TAG if attention.routes(model) else ""
+    context_length = int(
+        config.get("max_position_embeddings")
+        or config.get("text_config", {}).get("max_position_embeddings", 4096)
+    )
+    if read_blas_settings().rope_tables and not lazy:
+        rope_table.install(model, context_length)  # same bits, so the identity does not change
     kernel = skinny_kernel()
     if kernel is not None and not lazy and read_blas_settings().packed_weights:
         pack_model(model, kernel)  # same bits, so the identity does not change
@@ -120,10 +126,7 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
         tokenizer=tokenizer,
         identity=model_identity(path, spec, numerics),
         chat=bool(getattr(tokenizer, "chat_template", None)),
-        context_length=int(
-            config.get("max_position_embeddings")
-            or config.get("text_config", {}).get("max_position_embeddings", 4096)
-        ),
+        context_length=context_length,
         quantization=_quantization_of(config),
     )
 

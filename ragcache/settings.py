@@ -43,6 +43,9 @@ class BlasSettings:
     # Attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own exp is
     # scalar there and took ~60% of a long prefill; off: MLX's attention, unchanged.
     fast_softmax: bool = True
+    # Rotary embeddings from tables of their cos and sin, bit for bit MLX's (ragcache/rope_table.py):
+    # MLX's CPU rope recomputes them in ~20 small ops per call; off: MLX's rope, unchanged.
+    rope_tables: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_SKINNY_GEMM": ("blas", "skinny_gemm"),
     "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
     "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
+    "RAGCACHE_ROPE_TABLES": ("blas", "rope_tables"),
     "RAGCACHE_MODEL": ("model", "name"),
     "RAGCACHE_QUANT": ("model", "quant"),
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
@@ -160,5 +164,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         fast_softmax=environ.get("RAGCACHE_FAST_SOFTMAX", "1").lower()
         not in {"0", "false", "no", "off"},
         packed_weights=environ.get("RAGCACHE_PACKED_WEIGHTS", "1").lower()
+        not in {"0", "false", "no", "off"},
+        rope_tables=environ.get("RAGCACHE_ROPE_TABLES", "1").lower()
         not in {"0", "false", "no", "off"},
     )

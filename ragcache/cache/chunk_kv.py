@@ -40,7 +40,8 @@ import mlx.core as mx
 
 CHUNK_MARK = -1  # first token of every chunk entry's path: never a real token id
 ASSEMBLED_MARK = -2  # first token of every stored assembled prompt's path
-_LINEAR_ROPES = ("RoPE", "Llama3RoPE")  # angle = position x frequency: rotations compose
+# angle = position x frequency: rotations compose (TableRoPE: nn.RoPE from tables, rope_table.py)
+_LINEAR_ROPES = ("RoPE", "TableRoPE", "Llama3RoPE")
 
 
 def chunk_key(body: Sequence[int]) -> list[int]:

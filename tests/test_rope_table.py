@@ -1,0 +1,158 @@
+"""Rope from tables (ragcache.rope_table): MLX's own rope, bit for bit, for less work a call."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.rope_utils import Llama3RoPE
+
+from ragcache import rope_table
+from ragcache.model_loader import LoadedModel
+
+pytestmark = pytest.mark.skipif(
+    mx.default_device().type != mx.cpu, reason="routed on CPU only (elsewhere MLX has a kernel)"
+)
+
+
+def _bits(x: mx.array) -> np.ndarray:
+    return np.array(x).view(np.uint32)
+
+
+def _mlx_rope(x: mx.array, table: rope_table.RopeTable, traditional: bool, offset) -> mx.array:  # type: ignore[no-untyped-def]
+    return mx.fast.rope(
+        x, table.dims, traditional=traditional, base=table.base, scale=table.scale, offset=offset
+    )
+
+
+CONFIGS = [  # (dims, head size, base, scale, traditional): SmolLM2, Gemma 3 local and global, ...
+    (64, 64, 100000.0, 1.0, False),
+    (256, 256, 10000.0, 1.0, False),
+    (256, 256, 1000000.0, 0.125, False),
+    (64, 64, 10000.0, 1.0, True),
+    (32, 48, 500000.0, 1.0, True),  # a rope over part of the head
+    (32, 48, 10000.0, 1.0, False),
+]
+
+
+@pytest.mark.parametrize(("dims", "head", "base", "scale", "traditional"), CONFIGS)
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    length=st.sampled_from([1, 2, 7, 33, 130]),
+    offsets=st.lists(st.integers(0, 9000), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_same_bits_as_mlx_rope(
+    dims: int,
+    head: int,
+    base: float,
+    scale: float,
+    traditional: bool,
+    batch: int,
+    heads: int,
+    length: int,
+    offsets: list[int],
+    seed: int,
+) -> None:
+    """Any position (past the first table's 4096 rows too: it grows), one row or many, an int
+    offset or one per sequence of a batch (batched decode's), gives MLX's rope's bits."""
+    table = rope_table.RopeTable(dims, base, scale)
+    x = mx.random.normal((batch, heads, length, head), key=mx.random.key(seed))
+    got = rope_table.rope(x, offsets[0], table, traditional)
+    assert np.array_equal(_bits(got), _bits(_mlx_rope(x, table, traditional, offsets[0])))
+    per_sequence = mx.array(offsets[:batch])
+    table.cover(max(offsets) + length)  # what install does up front for the model's context
+    got = rope_table.rope(x, per_sequence, table, traditional)
+    assert np.array_equal(_bits(got), _bits(_mlx_rope(x, table, traditional, per_sequence)))
+
+
+def test_the_table_grows_by_doubling_and_keeps_its_rows() -> None:
+    table = rope_table.RopeTable(64, 10000.0, 1.0)
+    table.cover(10)
+    assert table.rows == rope_table._FIRST_ROWS
+    first = _bits(table.cos[:100])
+    table.cover(table.rows + 1)
+    assert table.rows == 2 * rope_table._FIRST_ROWS
+    assert np.array_equal(first, _bits(table.cos[:100]))
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gemma"])
+def test_a_loaded_models_rope_is_routed_and_its_logits_keep_their_bits(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """The loader routes every nn.RoPE (Gemma: local and global configurations); prefill,
+    decode steps and a multi-token verify give the same logits, bit for bit, routed or not."""
+    loaded: LoadedModel = request.getfixturevalue(which)
+    model = loaded.model
+    routed = [m for m in model.modules() if isinstance(m, rope_table.TableRoPE)]
+    assert routed and all(m._table.rows >= loaded.context_length for m in routed)
+
+    def logits() -> list[np.ndarray]:
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([list(range(3, 40))]), cache=cache)]
+        for token in (5, 9, 11, 2):
+            out.append(model(mx.array([[token]]), cache=cache))
+        out.append(model(mx.array([[4, 6, 8, 10]]), cache=cache))
+        return [_bits(o) for o in out]
+
+    fast = logits()
+    for m in routed:
+        m.__class__ = nn.RoPE
+    try:
+        plain = logits()
+    finally:
+        for m in routed:
+            m.__class__ = rope_table.TableRoPE
+    assert all(np.array_equal(a, b) for a, b in zip(fast, plain, strict=True))
+
+
+def test_other_rope_classes_are_left_alone() -> None:
+    """Llama 3's rope (its own frequencies) and any subclass keep their code."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = nn.RoPE(16)
+            self.llama3 = Llama3RoPE(
+                16,
+                max_position_embeddings=2048,
+                base=500000.0,
+                scaling_config={
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 1024,
+                },
+            )
+
+    model = Model()
+    assert rope_table.install(model, 2048) == 1
+    assert type(model.plain) is rope_table.TableRoPE
+    assert type(model.llama3) is Llama3RoPE
+
+
+def test_inputs_it_was_not_checked_on_go_to_mlx() -> None:
+    """Not float32, or not (batch, heads, length, dims): MLX's own rope answers."""
+    rope = nn.RoPE(16)
+    plain = nn.RoPE(16)
+    rope_table.install(rope, 512)
+    assert type(rope) is rope_table.TableRoPE
+    half = mx.random.normal((1, 2, 3, 16)).astype(mx.float16)
+    three_dims = mx.random.normal((2, 3, 16))
+    for x in (half, three_dims):
+        assert np.array_equal(np.array(rope(x, offset=7)), np.array(plain(x, offset=7)))
+
+
+def test_negative_offsets_go_to_mlx() -> None:
+    """Chunk reuse re-rotates keys back by a negative offset: not a row of the table."""
+    rope = nn.RoPE(16)
+    plain = nn.RoPE(16)
+    rope_table.install(rope, 512)
+    x = mx.random.normal((1, 2, 5, 16))
+    assert np.array_equal(_bits(rope(x, offset=-37)), _bits(plain(x, offset=-37)))
