@@ -117,8 +117,10 @@ def rag_prompts(name: str, n: int, home: Path) -> tuple[Any, list[SegmentedPromp
 
 def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
     """One plain decode step at a 600-token context, taken apart, with the one-row kernel off
-    and on: the whole step (forward, greedy pick, read-back of the token), the output layer
-    alone, the layers under it alone, and the pick with its read-back."""
+    and on, and (`rope_mlx`) on with MLX's own rope instead of ragcache.rope_table's: the whole
+    step (forward, greedy pick, read-back of the token), the output layer alone, the layers
+    under it alone, and the pick with its read-back. A single sequence's cache (int offsets);
+    served decode goes through batch caches (array offsets), timed by `alone` below."""
     from mlx_lm.models.cache import make_prompt_cache
 
     net = loaded.model

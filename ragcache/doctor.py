@@ -125,7 +125,10 @@ def _rope_line(settings: Settings) -> str:
         return "mlx: RAGCACHE_ROPE_TABLES=0"
     if mx.default_device().type != mx.cpu:
         return "mlx: not on the CPU, MLX's own rope kernel is used"
-    return "tables: cos and sin computed once, MLX's bits (ragcache.rope_table)"
+    return (
+        "tables: cos and sin computed once, for models whose bits they reproduce on a check at "
+        "load (ragcache.rope_table)"
+    )
 
 
 def format_report(report: DoctorReport) -> str:

@@ -6,7 +6,8 @@ A decode step makes two calls per layer: ~3 ms of a ~40 ms SmolLM2 step, ~2 ms o
 one. Here the cosines and sines of every position are computed once, by MLX's rope itself (a
 unit vector rotated at positions 0..n-1 gives exactly its cos and sin bits), and a call slices
 the rows it needs and rotates with the fallback's own products and sums in one `mx.compile`d
-function: ~25 us a call.
+function: ~15-25 us a call. Decode steps, batches of them and speculative verifies take it;
+prefill steps (more than `MAX_ROWS` positions) keep MLX's rope.
 
 The bits are MLX's: the table is the fallback's output, and the rotation is the fallback's
 formula, element for element (`install` checks both against `mx.fast.rope` on a probe and
@@ -25,11 +26,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+# Calls of at most this many positions take the table: decode steps, batches of them and
+# speculative verifies (at most 1 + MAX_DRAFT = 33). Prefill steps keep MLX's rope: the fallback's
+# fixed cost is nothing next to a prefill step, and each new length would add an entry to the
+# compiled rotation's cache (MLX keeps one per input shape, never evicted).
+MAX_ROWS = 64
 # Batched decode passes each sequence's offset as an array, read lazily: the table must already
 # cover any position it may hold. The engine stops every sequence at the model's context length;
-# speculative verifies and prefill steps go a little past a position before it is cut back.
-MARGIN_POSITIONS = 64
+# a speculative verify reaches at most MAX_ROWS - 1 positions past it before being cut back.
+MARGIN_POSITIONS = MAX_ROWS
 _FIRST_ROWS = 4096  # a table starts this long and doubles when an int offset needs more
+_BUILD_ROWS = 4096  # built this many rows at a time: the fallback's temporaries stay small
 
 
 class RopeTable:
@@ -51,14 +58,27 @@ class RopeTable:
             n = max(rows, 2 * self.rows, _FIRST_ROWS)
             half = self.dims // 2
             # (1, 0) in each rotated pair: x1*cos - x2*sin is cos, x1*sin + x2*cos is sin, exactly.
-            unit = mx.concatenate([mx.ones((1, 1, n, half)), mx.zeros((1, 1, n, half))], axis=-1)
-            rotated = mx.fast.rope(
-                unit, self.dims, traditional=False, base=self.base, scale=self.scale, offset=0
+            unit = mx.concatenate(
+                [mx.ones((1, 1, _BUILD_ROWS, half)), mx.zeros((1, 1, _BUILD_ROWS, half))], axis=-1
             )
-            # Copies: a row slice of a contiguous table is itself contiguous for the rotation.
-            cos = mx.contiguous(rotated[0, 0, :, :half])
-            sin = mx.contiguous(rotated[0, 0, :, half:])
+            cos_blocks, sin_blocks = [], []
+            for start in range(0, n, _BUILD_ROWS):
+                rotated = mx.fast.rope(
+                    unit,
+                    self.dims,
+                    traditional=False,
+                    base=self.base,
+                    scale=self.scale,
+                    offset=start,
+                )
+                cos_blocks.append(mx.contiguous(rotated[0, 0, :, :half]))
+                sin_blocks.append(mx.contiguous(rotated[0, 0, :, half:]))
+                mx.eval(cos_blocks[-1], sin_blocks[-1])
+            cos = mx.concatenate(cos_blocks)[:n]
+            sin = mx.concatenate(sin_blocks)[:n]
             mx.eval(cos, sin)
+            del cos_blocks, sin_blocks, rotated
+            mx.clear_cache()  # the build's temporaries: several times the table, not kept
             self.cos, self.sin = cos, sin
             self.rows = n
 
@@ -105,9 +125,14 @@ class TableRoPE(nn.RoPE):
     _table: RopeTable
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        # What the table and the check cover; a negative int offset (chunk reuse re-rotating
-        # keys back) is not a row of the table.
-        if x.ndim != 4 or x.dtype != mx.float32 or (isinstance(offset, int) and offset < 0):
+        # What the table and the check cover: not prefill steps (MAX_ROWS), and not a negative
+        # int offset (chunk reuse re-rotating keys back), which is no row of the table.
+        if (
+            x.ndim != 4
+            or x.dtype != mx.float32
+            or x.shape[-2] > MAX_ROWS
+            or (isinstance(offset, int) and offset < 0)
+        ):
             return mx.fast.rope(
                 x,
                 self.dims,

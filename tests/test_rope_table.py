@@ -13,6 +13,7 @@ from mlx_lm.models.rope_utils import Llama3RoPE
 
 from ragcache import rope_table
 from ragcache.model_loader import LoadedModel
+from ragcache.runtime.lookup import MAX_DRAFT
 
 pytestmark = pytest.mark.skipif(
     mx.default_device().type != mx.cpu, reason="routed on CPU only (elsewhere MLX has a kernel)"
@@ -44,7 +45,7 @@ CONFIGS = [  # (dims, head size, base, scale, traditional): SmolLM2, Gemma 3 loc
 @given(
     batch=st.integers(1, 3),
     heads=st.integers(1, 4),
-    length=st.sampled_from([1, 2, 7, 33, 130]),
+    length=st.sampled_from([1, 2, 7, 33, 64]),
     offsets=st.lists(st.integers(0, 9000), min_size=3, max_size=3),
     seed=st.integers(0, 2**16),
 )
@@ -138,15 +139,54 @@ def test_other_rope_classes_are_left_alone() -> None:
 
 
 def test_inputs_it_was_not_checked_on_go_to_mlx() -> None:
-    """Not float32, or not (batch, heads, length, dims): MLX's own rope answers."""
+    """Not float32, not (batch, heads, length, dims), or a prefill step: MLX's own rope."""
     rope = nn.RoPE(16)
     plain = nn.RoPE(16)
     rope_table.install(rope, 512)
     assert type(rope) is rope_table.TableRoPE
     half = mx.random.normal((1, 2, 3, 16)).astype(mx.float16)
     three_dims = mx.random.normal((2, 3, 16))
-    for x in (half, three_dims):
-        assert np.array_equal(np.array(rope(x, offset=7)), np.array(plain(x, offset=7)))
+    prefill = mx.random.normal((1, 2, rope_table.MAX_ROWS + 1, 16))
+    for x in (half, three_dims, prefill):
+        assert np.array_equal(_bits(rope(x, offset=7)), _bits(plain(x, offset=7)))
+
+
+def test_a_speculative_verify_fits_the_tables_rows_and_margin() -> None:
+    assert 1 + MAX_DRAFT <= rope_table.MAX_ROWS <= rope_table.MARGIN_POSITIONS
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_gemma"])
+def test_a_left_padded_batch_keeps_its_bits(which: str, request: pytest.FixtureRequest) -> None:
+    """Batched decode as the worker runs it: two sequences of different lengths prefilled alone,
+    merged into mlx-lm's batch caches (the shorter one left-padded: per-sequence array offsets,
+    negative under the padding), then decode steps and a verify of several tokens. Each
+    sequence's logits have the same bits routed or not."""
+    loaded: LoadedModel = request.getfixturevalue(which)
+    model = loaded.model
+    routed = [m for m in model.modules() if isinstance(m, rope_table.TableRoPE)]
+    assert routed
+
+    def logits() -> list[np.ndarray]:
+        caches = []
+        for prompt in (list(range(3, 30)), list(range(7, 16))):
+            cache = make_prompt_cache(model)
+            model(mx.array([prompt]), cache=cache)
+            caches.append(cache)
+        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*caches, strict=True)]
+        out = []
+        for step in ([[5], [6]], [[9], [2]], [[4, 6, 8], [1, 3, 5]]):
+            out.append(_bits(model(mx.array(step), cache=batch)))
+        return out
+
+    fast = logits()
+    for m in routed:
+        m.__class__ = nn.RoPE
+    try:
+        plain = logits()
+    finally:
+        for m in routed:
+            m.__class__ = rope_table.TableRoPE
+    assert all(np.array_equal(a, b) for a, b in zip(fast, plain, strict=True))
 
 
 def test_negative_offsets_go_to_mlx() -> None:
