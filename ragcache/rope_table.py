@@ -47,9 +47,13 @@ class RopeTable:
         self.rows = 0
         self.cos = self.sin = mx.zeros((0, dims // 2))
         self._growing = threading.Lock()
+        # The rows the last call took: a layer's queries and keys, and every layer of a step,
+        # ask for the same positions (the same int, or the same offset array of a batch cache).
+        self._last: tuple[Any, int, mx.array, mx.array] | None = None
 
     def cover(self, rows: int) -> None:
-        """Make the table hold at least `rows` positions (doubling, so growth is rare)."""
+        """Make the table hold at least `rows` positions (doubling, so growth is rare). Only
+        the new rows are computed: a position's row does not depend on the block it is in."""
         if rows <= self.rows:
             return
         with self._growing:
@@ -61,8 +65,8 @@ class RopeTable:
             unit = mx.concatenate(
                 [mx.ones((1, 1, _BUILD_ROWS, half)), mx.zeros((1, 1, _BUILD_ROWS, half))], axis=-1
             )
-            cos_blocks, sin_blocks = [], []
-            for start in range(0, n, _BUILD_ROWS):
+            cos_blocks, sin_blocks = [self.cos], [self.sin]
+            for start in range(self.rows, n, _BUILD_ROWS):
                 rotated = mx.fast.rope(
                     unit,
                     self.dims,
@@ -81,6 +85,28 @@ class RopeTable:
             mx.clear_cache()  # the build's temporaries: several times the table, not kept
             self.cos, self.sin = cos, sin
             self.rows = n
+
+    def rows_at(self, offset: int | mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """cos and sin at positions offset..offset+length-1, shaped to broadcast over a
+        (batch, heads, length, dims/2) half of the input."""
+        last = self._last
+        if last is not None and last[1] == length:
+            same = last[0] is offset or (
+                isinstance(offset, int) and isinstance(last[0], int) and last[0] == offset
+            )
+            if same:
+                return last[2], last[3]
+        if isinstance(offset, int):
+            self.cover(offset + length)
+            cos, sin = self.cos[offset : offset + length], self.sin[offset : offset + length]
+        else:
+            # Rows of left padding have negative positions: clipped, they are masked keys anyway.
+            positions = mx.clip(offset.reshape(-1, 1) + mx.arange(length), 0, self.rows - 1)
+            cos, sin = self.cos[positions], self.sin[positions]  # (batch or 1, length, dims/2)
+            if offset.size > 1:
+                cos, sin = mx.expand_dims(cos, 1), mx.expand_dims(sin, 1)  # over the heads
+        self._last = (offset, length, cos, sin)
+        return cos, sin
 
 
 def _rotate(x: mx.array, cos: mx.array, sin: mx.array, dims: int, traditional: bool) -> mx.array:
@@ -106,16 +132,7 @@ _rotate_compiled = mx.compile(_rotate)
 
 def rope(x: mx.array, offset: int | mx.array, table: RopeTable, traditional: bool) -> mx.array:
     """`mx.fast.rope(x, table.dims, ...)` at `offset` (an int, or one per sequence of a batch)."""
-    length = x.shape[-2]
-    if isinstance(offset, int):
-        table.cover(offset + length)
-        cos, sin = table.cos[offset : offset + length], table.sin[offset : offset + length]
-    else:
-        # Rows of left padding have negative positions: clipped, they are masked keys anyway.
-        positions = mx.clip(offset.reshape(-1, 1) + mx.arange(length), 0, table.rows - 1)
-        cos, sin = table.cos[positions], table.sin[positions]  # (batch or 1, length, dims/2)
-        if offset.size > 1:
-            cos, sin = mx.expand_dims(cos, 1), mx.expand_dims(sin, 1)  # over the heads
+    cos, sin = table.rows_at(offset, x.shape[-2])
     return _rotate_compiled(x, cos, sin, table.dims, traditional)
 
 
