@@ -1,22 +1,31 @@
-"""Attention for MLX on CPU, with a softmax whose exp vectorizes.
+"""Attention for MLX on CPU: a softmax whose exp vectorizes for prefill steps, and a native
+softmax product for decode steps, batches and speculative verifies.
 
 MLX's CPU backend computes exp one element at a time (its SIMD layer has width 1 on x86), about
 16 ns each here, and a long prefill's attention is mostly exps: on a 1400-token SmolLM2 prompt
-the softmax took ~60% of the prefill. Here the exp is the Cephes polynomial MLX itself uses (2^i
-from exponent bits times a degree-6 polynomial of the fraction), written as plain arithmetic in
-one `mx.compile`d function, which MLX's CPU JIT turns into a single C++ loop the compiler can
-vectorize: prefill 0.98-1.37x on the embedded models at 512-2048 tokens, faster in 11 of 12
-measurements (`benchmarks/prefill.py`, two runs; its whole-array passes go to memory at 2048
-keys, where MLX's row-by-row softmax stays in cache). Everything else is MLX's own fallback
-attention, op for op: grouped heads by broadcast, the causal or given mask, a float32 softmax
-over each row.
+the softmax took ~60% of the prefill. For prefill steps (`MIN_QUERY_ROWS`, `MIN_SCORES`) the exp
+is the Cephes polynomial MLX itself uses (2^i from exponent bits times a degree-6 polynomial of
+the fraction), written as plain arithmetic in one `mx.compile`d function, which MLX's CPU JIT
+turns into a single C++ loop the compiler can vectorize: prefill 0.98-1.37x on the embedded
+models at 512-2048 tokens, faster in 11 of 12 measurements (`benchmarks/prefill.py`, two runs;
+its whole-array passes go to memory at 2048 keys, where MLX's row-by-row softmax stays in cache).
+Everything else there is MLX's own fallback attention, op for op: grouped heads by broadcast, the
+causal or given mask, a float32 softmax over each row.
+
+Smaller calls (a decode step, a batch of them, a speculative verify, a short prefill step) take
+the decode kernel's path where it is active (`ragcache.skinny_gemm`): the grouped query heads of
+one key head become the rows of one product with the keys (read once for all of them, in
+OpenBLAS's own order), and the softmax and the product with the values are one native call,
+requested through MLX's `addmm` with the library's NaN alpha. At a 1000-token context MLX's
+softmax alone took ~160 us a SmolLM2 layer. The native call also fixes the order of every sum
+over the keys, so a masked key adds nothing: a position gets the same bits in a decode step, in a
+speculative verify against the draft's later keys and behind a batch's left padding.
 
 `install` routes a loaded model's attention layers here (their `__call__`, bound to this instead
-of mlx-lm's `scaled_dot_product_attention`; nothing else in the process changes), on CPU only
-and only where MLX's JIT has a C++ compiler. Every prefill step takes it (cold and cached runs
-prefill in the same steps, so they agree); decode, batches and speculative verifies keep MLX's
-attention bit for bit. A model's cache identity includes `TAG`, so KV computed one way is never
-restored into a process computing it the other way.
+of mlx-lm's `scaled_dot_product_attention`; nothing else in the process changes), on CPU only,
+with each path where it is available. Cold and cached runs prefill in the same steps, so they
+agree. A model's cache identity includes `tag()`, so KV computed one way is never restored into
+a process computing it another way.
 """
 
 from __future__ import annotations
@@ -27,14 +36,19 @@ import types
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention as _ORIGINAL
+from mlx_lm.models.cache import RotatingKVCache
 
-TAG = "attention=poly-exp-1"  # part of the cache identity of a model that uses it
-# A call takes this path only with at least MIN_QUERY_ROWS queries per sequence and MIN_SCORES
-# scores per sequence: a prefill step. Both depend only on the step's own length and context, so
-# a cold run and a cached one (whose steps are aligned at the cache's capture points) choose alike;
-# decode (1 row), batches of decodes and speculative verifies (at most 33 rows: max_draft <= 32)
-# always keep MLX's attention, and small calls gain nothing (decode got ~10% slower with it).
+from ragcache.skinny_gemm import SkinnyGemm
+
+TAG = "attention=poly-exp-1"  # part of the cache identity of a model whose prefill uses it
+DECODE_TAG = "decode-attention=native-1"  # ... and of one whose smaller calls use the native path
+# A call takes the prefill path only with at least MIN_QUERY_ROWS queries per sequence and
+# MIN_SCORES scores per sequence: a prefill step. Both depend only on the step's own length and
+# context, so a cold run and a cached one (whose steps are aligned at the cache's capture points)
+# choose alike; decode (1 row), batches of decodes and speculative verifies (at most 33 rows:
+# max_draft <= 32) never take it (decode got ~10% slower with it) and go to the native path.
 MIN_QUERY_ROWS = 64
 MIN_SCORES = 1 << 18
 
@@ -78,6 +92,12 @@ def softmax_rows(scores: mx.array) -> mx.array:
     return p if p.dtype == scores.dtype else p.astype(scores.dtype)
 
 
+# The paths `configure` chose (process-wide, like the BLAS they run on): the prefill softmax,
+# and the decode kernel whose softmax product smaller calls take (None: MLX's attention).
+_prefill_exp = True
+_decode_kernel: SkinnyGemm | None = None
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,
@@ -87,13 +107,24 @@ def attention(
     mask: Any,
     sinks: mx.array | None = None,
 ) -> mx.array:
-    """mlx-lm's `scaled_dot_product_attention`, computed as MLX's CPU fallback does but for the
-    softmax, for prefill steps (`MIN_QUERY_ROWS`, `MIN_SCORES`). Decode steps, batches of them,
-    speculative verifies, quantized caches and attention sinks go to mlx-lm's own unchanged."""
+    """mlx-lm's `scaled_dot_product_attention`: prefill steps (`MIN_QUERY_ROWS`, `MIN_SCORES`)
+    computed as MLX's CPU fallback does but for the softmax, smaller float32 calls by the native
+    softmax product. Quantized caches, attention sinks and paths not installed go to mlx-lm's
+    own unchanged."""
     B, n_heads, L, D = queries.shape
     n_kv, S = keys.shape[1], keys.shape[-2]
     small = L < MIN_QUERY_ROWS or n_heads * L * S < MIN_SCORES
-    if small or sinks is not None or hasattr(cache, "bits"):
+    if sinks is not None or hasattr(cache, "bits"):
+        return _ORIGINAL(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if small:
+        floats = queries.dtype == keys.dtype == values.dtype == mx.float32
+        kernel = _decode_kernel
+        first = _oldest_key(cache, L, S)
+        if kernel is None or not floats or first >= kernel.softmax_first_limit:
+            return _ORIGINAL(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        alpha = kernel.softmax_alpha_from(first)
+        return softmax_product_attention(queries, keys, values, scale, mask, alpha)
+    if not _prefill_exp:
         return _ORIGINAL(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     repeats = n_heads // n_kv
     q, k, v = queries * mx.array(scale, queries.dtype), keys, values
@@ -118,8 +149,57 @@ def attention(
     return out.reshape(B, n_heads, L, values.shape[-1]) if repeats > 1 else out
 
 
+def _oldest_key(cache: Any, L: int, S: int) -> int:
+    """Where the oldest of the keys a one-token step attends to stands: 0, but for a sliding
+    window that has wrapped (mlx-lm's `RotatingKVCache` writes a decode step's key over its
+    oldest, so the buffer is a ring whose oldest key follows the newest). A multi-token step's
+    keys come in temporal order (mlx-lm's concat path)."""
+    if L != 1 or not isinstance(cache, RotatingKVCache) or cache.keep != 0:
+        return 0
+    if not isinstance(cache.offset, int) or cache.offset <= cache.max_size or cache.max_size != S:
+        return 0
+    return int(cache._idx) % S
+
+
+def softmax_product_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: Any,
+    softmax_alpha: float,
+) -> mx.array:
+    """Attention through the decode kernel: the query heads sharing a key head are the rows of
+    one product with the keys, and softmax(scores) times the values is one native call (MLX's
+    `addmm` with the kernel's NaN alpha, which only that library's cblas_sgemm understands)."""
+    B, n_heads, L, D = queries.shape
+    n_kv, S = keys.shape[1], keys.shape[-2]
+    repeats = n_heads // n_kv
+    # Rows (repeat, position) of each key head: a reshape, no copy for contiguous queries.
+    q = (queries * mx.array(scale, queries.dtype)).reshape(B, n_kv, repeats * L, D)
+    scores = q @ keys.swapaxes(-1, -2)
+    if isinstance(mask, str):  # "causal": query i sees keys up to its own position
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+    if mask is not None:
+        grouped = scores.reshape(B, n_kv, repeats, L, S)
+        if mask.ndim >= 3:  # per sequence, or per head: laid out as the grouped scores
+            if mask.shape[-3] == 1:
+                mask = mx.expand_dims(mask, -3)
+            else:
+                mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, L, S)
+        if mask.dtype == mx.bool_:
+            lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+            grouped = mx.where(mask, grouped, lowest)
+        else:
+            grouped = grouped + mask.astype(scores.dtype)
+        scores = grouped.reshape(B, n_kv, repeats * L, S)
+    zero = mx.array(0.0, values.dtype)
+    out = mx.addmm(zero, scores, values, alpha=softmax_alpha, beta=0.0)
+    return out.reshape(B, n_heads, L, values.shape[-1])
+
+
 def available() -> tuple[bool, str]:
-    """Whether `install` would put it in, and why (not)."""
+    """Whether `install` would put the prefill softmax in, and why (not)."""
     if mx.default_device().type != mx.cpu:
         return False, "not on the CPU: MLX's own attention kernel is used"
     if shutil.which("g++") is None:  # MLX's CPU JIT runs g++; without it nothing fuses
@@ -127,14 +207,48 @@ def available() -> tuple[bool, str]:
     return True, "softmax with a vectorized exp (ragcache.attention)"
 
 
+def decode_available(kernel: SkinnyGemm | None) -> tuple[bool, str]:
+    """Whether the native softmax product can serve smaller calls, and why (not): the decode
+    kernel is active and MLX's matmuls reach it (a small product checked bit for bit)."""
+    if mx.default_device().type != mx.cpu:
+        return False, "not on the CPU: MLX's own attention kernel is used"
+    if kernel is None:
+        return False, "the decode kernel is off: MLX's attention"
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((2, 3, 40), dtype=np.float32)
+    values = rng.standard_normal((2, 40, 24), dtype=np.float32)
+    zero = mx.array(0.0)
+    through_mlx = mx.addmm(
+        zero, mx.array(scores), mx.array(values), alpha=kernel.softmax_alpha, beta=0.0
+    )
+    from_key_7 = mx.addmm(
+        zero, mx.array(scores), mx.array(values), alpha=kernel.softmax_alpha_from(7), beta=0.0
+    )
+    direct = np.stack([kernel.softmax_product(scores[i], values[i]) for i in range(2)])
+    direct_7 = np.stack([kernel.softmax_product(scores[i], values[i], 7) for i in range(2)])
+    for mine, expected in ((through_mlx, direct), (from_key_7, direct_7)):
+        if not np.array_equal(np.array(mine).view(np.uint32), expected.view(np.uint32)):
+            return False, "MLX's matmuls do not reach the decode kernel: MLX's attention"
+    return True, "softmax product in the decode kernel (ragcache.attention)"
+
+
+def configure(prefill: bool, kernel: SkinnyGemm | None) -> None:
+    """Choose the paths routed attention takes, for the whole process (as the BLAS they run on):
+    prefill steps through the vectorized softmax (`prefill`, where `available`), smaller calls
+    through `kernel`'s softmax product (where `decode_available`)."""
+    global _prefill_exp, _decode_kernel
+    _prefill_exp = prefill and available()[0]
+    _decode_kernel = kernel if kernel and decode_available(kernel)[0] else None
+
+
 def install(model: Any) -> None:
-    """Route the attention of `model`'s layers here, where `available`.
+    """Route the attention of `model`'s layers here, when a path is configured.
 
     Changes only this model: each layer whose `__call__` calls mlx-lm's module-level
     `scaled_dot_product_attention` gets a subclass whose `__call__` is the same code bound to
     this one (other models and plain mlx-lm in the process are untouched).
     """
-    if not available()[0]:
+    if not _prefill_exp and _decode_kernel is None:
         return
     for layer in model.modules():
         routed = _routed_class(type(layer))
@@ -145,6 +259,12 @@ def install(model: Any) -> None:
 def routes(model: Any) -> bool:
     """Whether `model`'s attention runs here (its cache identity must then say so)."""
     return any(type(layer) in _ROUTED.values() for layer in model.modules())
+
+
+def tag() -> str:
+    """The cache identity's part for the paths installed."""
+    parts = [TAG] if _prefill_exp else []
+    return "+".join(parts + ([DECODE_TAG] if _decode_kernel is not None else []))
 
 
 _NAME = "scaled_dot_product_attention"

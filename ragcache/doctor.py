@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ragcache.blas import blas_status
+from ragcache.blas import blas_status, skinny_kernel
 from ragcache.cache.settings import available_memory_bytes as free_memory_bytes
 from ragcache.embedded_models import EMBEDDED_MODELS
 from ragcache.model_prepare import is_complete, prepared_path
@@ -34,6 +34,7 @@ class DoctorReport:
     model_quantization: str
     free_memory_bytes: int
     attention: str = ""  # which softmax long attention uses, and why
+    decode_attention: str = ""  # what decode steps' attention runs on, and why
     rope: str = ""  # whether nn.RoPE runs from tables of its cos and sin, and why
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
@@ -72,6 +73,9 @@ def run_doctor(settings: Settings) -> DoctorReport:
     fast, why = attention.available()
     if not settings.blas.fast_softmax:
         fast, why = False, "RAGCACHE_FAST_SOFTMAX=0: MLX's own softmax"
+    native, native_why = attention.decode_available(skinny_kernel())
+    if not settings.blas.decode_attention:
+        native, native_why = False, "RAGCACHE_DECODE_ATTENTION=0: MLX's attention"
     name = settings.model.name
     quant = settings.model.quant
     if name in EMBEDDED_MODELS:
@@ -96,6 +100,7 @@ def run_doctor(settings: Settings) -> DoctorReport:
         model_quantization=quantization,
         free_memory_bytes=free_memory_bytes(),
         attention=f"{'fast' if fast else 'mlx'}: {why}",
+        decode_attention=f"{'native' if native else 'mlx'}: {native_why}",
         rope=_rope_line(settings),
     )
     if not status.optimized and sys.platform.startswith("linux"):
@@ -140,6 +145,7 @@ def format_report(report: DoctorReport) -> str:
         f"({b['core_type_source'] or '-'}): {b['reason']}",
         f"decode gemm   {'on' if b['skinny_gemm'] else 'off'}: {b['skinny_gemm_reason'] or '-'}",
         f"attention     {report.attention}",
+        f"decode attn   {report.decode_attention}",
         f"rope          {report.rope}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "

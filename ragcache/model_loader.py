@@ -106,18 +106,19 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
             hint="check the folder or hub id, or use an embedded model such as smollm2-135m-instruct",
         ) from exc
     path = target if isinstance(target, Path) else None
-    # Cached KV computed with one attention must not be restored under the other.
-    if read_blas_settings().fast_softmax:
-        attention.install(model)
-    numerics = attention.TAG if attention.routes(model) else ""
+    # Cached KV computed with one attention must not be restored under another.
+    blas = read_blas_settings()
+    kernel = skinny_kernel()
+    attention.configure(blas.fast_softmax, kernel if blas.decode_attention else None)
+    attention.install(model)
+    numerics = attention.tag() if attention.routes(model) else ""
     context_length = int(
         config.get("max_position_embeddings")
         or config.get("text_config", {}).get("max_position_embeddings", 4096)
     )
-    if read_blas_settings().rope_tables and not lazy:
+    if blas.rope_tables and not lazy:
         rope_table.install(model, context_length)  # same bits, so the identity does not change
-    kernel = skinny_kernel()
-    if kernel is not None and not lazy and read_blas_settings().packed_weights:
+    if kernel is not None and not lazy and blas.packed_weights:
         pack_model(model, kernel)  # same bits, so the identity does not change
     return LoadedModel(
         name=spec,

@@ -43,6 +43,9 @@ class BlasSettings:
     # Attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own exp is
     # scalar there and took ~60% of a long prefill; off: MLX's attention, unchanged.
     fast_softmax: bool = True
+    # Decode steps', batches' and verifies' attention through that kernel: softmax and the
+    # product with the values in one native call (ragcache/attention.py); off: MLX's attention.
+    decode_attention: bool = True
     # Rotary embeddings from tables of their cos and sin, bit for bit MLX's (ragcache/rope_table.py):
     # MLX's CPU rope recomputes them in ~20 small ops per call; off: MLX's rope, unchanged.
     rope_tables: bool = True
@@ -88,6 +91,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_BLAS_LIBRARY": ("blas", "library"),
     "RAGCACHE_SKINNY_GEMM": ("blas", "skinny_gemm"),
     "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
+    "RAGCACHE_DECODE_ATTENTION": ("blas", "decode_attention"),
     "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
     "RAGCACHE_ROPE_TABLES": ("blas", "rope_tables"),
     "RAGCACHE_MODEL": ("model", "name"),
@@ -162,6 +166,8 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         skinny_gemm=environ.get("RAGCACHE_SKINNY_GEMM", "1").lower()
         not in {"0", "false", "no", "off"},
         fast_softmax=environ.get("RAGCACHE_FAST_SOFTMAX", "1").lower()
+        not in {"0", "false", "no", "off"},
+        decode_attention=environ.get("RAGCACHE_DECODE_ATTENTION", "1").lower()
         not in {"0", "false", "no", "off"},
         packed_weights=environ.get("RAGCACHE_PACKED_WEIGHTS", "1").lower()
         not in {"0", "false", "no", "off"},

@@ -95,6 +95,15 @@ class SkinnyGemm:
         lib.skinny_gemm_unpack.restype = None
         lib.skinny_gemm_packed_bytes.argtypes = []
         lib.skinny_gemm_packed_bytes.restype = ctypes.c_long
+        lib.skinny_gemm_softmax_product.argtypes = [i, i, i, i, p, p, p]
+        lib.skinny_gemm_softmax_product.restype = None
+        lib.skinny_gemm_softmax_alpha.argtypes = [i]
+        lib.skinny_gemm_softmax_alpha.restype = ctypes.c_float
+        lib.skinny_gemm_softmax_first_limit.argtypes = []
+        lib.skinny_gemm_softmax_first_limit.restype = i
+        self.softmax_first_limit = int(lib.skinny_gemm_softmax_first_limit())
+        # The alphas that ask this library's cblas_sgemm for softmax(A) B (NaNs; see the C).
+        self._softmax_alphas = [float(lib.skinny_gemm_softmax_alpha(0))]
 
     def bind(self, openblas: str) -> bool:
         return int(self._lib.skinny_gemm_bind(openblas.encode())) == 0
@@ -158,6 +167,44 @@ class SkinnyGemm:
         a decode step's product is (from b's packed copy if b's memory is registered)."""
         return self._product(self._lib.skinny_gemm_compute, a, b)
 
+    @property
+    def softmax_alpha(self) -> float:
+        """The alpha (a NaN) with which MLX's addmm(0, A, B) gets softmax(A) B from here."""
+        return self._softmax_alphas[0]
+
+    def softmax_alpha_from(self, first: int) -> float:
+        """The alpha for softmax(A) B with the sums over the keys taken from key `first` round
+        (a wrapped sliding window's oldest key), 0 <= first < `softmax_first_limit`."""
+        if not 0 <= first < self.softmax_first_limit:
+            raise ValueError(f"first key {first} outside [0, {self.softmax_first_limit})")
+        while len(self._softmax_alphas) <= first:  # memo: one C call per key position
+            self._softmax_alphas.append(
+                float(self._lib.skinny_gemm_softmax_alpha(len(self._softmax_alphas)))
+            )
+        return self._softmax_alphas[first]
+
+    def softmax_product(self, a: Any, b: Any, first: int = 0) -> Any:
+        """softmax(a) @ b for float32 numpy scores `a` (m x k) and values `b` (k x n), its sums
+        from key `first` round, as attention's calls get it from this library
+        (`ragcache.attention`)."""
+        import numpy as np
+
+        a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(f"softmax_product: shapes {a.shape} and {b.shape} do not chain")
+        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+        ptr = ctypes.c_void_p
+        self._lib.skinny_gemm_softmax_product(
+            a.shape[0],
+            b.shape[1],
+            a.shape[1],
+            first,
+            ptr(a.ctypes.data),
+            ptr(b.ctypes.data),
+            ptr(out.ctypes.data),
+        )
+        return out
+
     def matches_openblas(
         self, n: int, k: int, seed: int = 0, m: int = 1, packed: bool = False
     ) -> bool:
@@ -201,7 +248,8 @@ class SkinnyGemm:
     def counters(self) -> dict[str, int]:
         """Calls taken, calls left to OpenBLAS, shapes refused by their first-call check,
         products computed from a packed copy of their weight, and of the products split over
-        two threads, the second halves the helper computed and those the caller took back."""
+        two threads, the second halves the helper computed and those the caller took back; and
+        attention's softmax products."""
         return {
             "taken": int(self._lib.skinny_gemm_counter(0)),
             "passed": int(self._lib.skinny_gemm_counter(1)),
@@ -209,6 +257,7 @@ class SkinnyGemm:
             "packed": int(self._lib.skinny_gemm_counter(3)),
             "helper_halves": int(self._lib.skinny_gemm_counter(4)),
             "halves_taken_back": int(self._lib.skinny_gemm_counter(5)),
+            "softmax_products": int(self._lib.skinny_gemm_counter(6)),
         }
 
 

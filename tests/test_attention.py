@@ -1,6 +1,10 @@
-"""CPU attention with a vectorized exp (ragcache.attention): MLX's attention to float32 rounding."""
+"""CPU attention (ragcache.attention): MLX's attention to float32 rounding, through the vectorized
+prefill softmax and through the decode kernel's softmax product; the latter gives a position the
+same bits in a decode step, a speculative verify and a left-padded batch."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -12,13 +16,13 @@ from ragcache.model_loader import LoadedModel
 pytestmark = pytest.mark.skipif(not attention.available()[0], reason=attention.available()[1])
 
 
-def _qkv(heads: int, kv_heads: int, L: int, S: int, seed: int) -> tuple[mx.array, ...]:
+def _qkv(heads: int, kv_heads: int, L: int, S: int, seed: int, D: int = 16) -> tuple[mx.array, ...]:
     key = mx.random.key(seed)
     k1, k2, k3 = mx.random.split(key, 3)
     return (
-        mx.random.normal((2, heads, L, 16), key=k1),
-        mx.random.normal((2, kv_heads, S, 16), key=k2) * 3,
-        mx.random.normal((2, kv_heads, S, 16), key=k3),
+        mx.random.normal((2, heads, L, D), key=k1),
+        mx.random.normal((2, kv_heads, S, D), key=k2) * 3,
+        mx.random.normal((2, kv_heads, S, D), key=k3),
     )
 
 
@@ -63,14 +67,91 @@ def test_a_loaded_model_runs_it_and_its_cache_identity_says_so(tiny_llama: Loade
 
     assert attention.routes(tiny_llama.model)
     assert tiny_llama.identity != model_identity(tiny_llama.path, tiny_llama.name)
-    assert tiny_llama.identity == model_identity(tiny_llama.path, tiny_llama.name, attention.TAG)
+    assert tiny_llama.identity == model_identity(tiny_llama.path, tiny_llama.name, attention.tag())
+    assert attention.TAG in attention.tag()
 
 
-def test_decode_sized_calls_keep_mlx_attention_bit_for_bit() -> None:
-    q, k, v = _qkv(9, 3, 1, 900, seed=1)  # a decode step: 8100 scores
-    ours = attention.attention(q, k, v, None, scale=0.25, mask=None)
-    theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
-    assert np.array_equal(np.array(ours).view(np.uint32), np.array(theirs).view(np.uint32))
+@pytest.fixture()
+def decode_kernel() -> Iterator[float]:
+    """The decode kernel's softmax alpha, its path configured as a loaded model's is."""
+    from ragcache.blas import skinny_kernel
+
+    kernel = skinny_kernel()
+    usable, why = attention.decode_available(kernel)
+    if not usable or kernel is None:
+        pytest.skip(why)
+    attention.configure(True, kernel)
+    yield kernel.softmax_alpha
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "D"), [(4, 4, 16), (9, 3, 64), (4, 1, 256)])
+@pytest.mark.parametrize(("L", "S"), [(1, 1), (1, 37), (1, 1003), (5, 5), (9, 300), (33, 64)])
+def test_smaller_calls_take_the_softmax_product_and_match_mlx(
+    decode_kernel: float, heads: int, kv_heads: int, D: int, L: int, S: int
+) -> None:
+    from ragcache.blas import skinny_kernel
+
+    q, k, v = _qkv(heads, kv_heads, L, S, seed=L * 1000 + S, D=D)
+    positions = mx.arange(S - L, S)[:, None] - mx.arange(S)[None]
+    window = (positions >= 0) & (positions < 8)
+    per_sequence = mx.broadcast_to(window, (2, 1, L, S))
+    per_head = mx.broadcast_to(window, (2, heads, L, S))
+    additive = mx.where(window, 0.0, -1e9)
+    counters = skinny_kernel().counters  # type: ignore[union-attr]
+    for mask in [None, "causal", window, per_sequence, per_head, additive]:
+        before = counters()["softmax_products"]
+        ours = attention.attention(q, k, v, None, scale=D**-0.5, mask=mask)
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask=mask)
+        _close(ours, theirs)
+        assert counters()["softmax_products"] > before
+
+
+def test_a_position_has_the_same_bits_decoded_verified_or_behind_padding(
+    decode_kernel: float,
+) -> None:
+    """The softmax product sums over the keys in one order and a masked key adds nothing: a
+    verify row against the draft's later keys, and a row behind a batch's left padding, have
+    the decode step's bits (MLX's attention splits its sums by the context's length)."""
+    for heads, kv_heads, D in [(9, 3, 64), (4, 1, 256)]:
+        q, k, v = _qkv(heads, kv_heads, 8, 1003, seed=heads, D=D)
+        verify = np.array(attention.attention(q, k, v, None, scale=0.125, mask="causal"))
+        pad = mx.random.normal((2, kv_heads, 13, D), key=mx.random.key(9))
+        k_padded, v_padded = mx.concatenate([pad, k], axis=2), mx.concatenate([pad * 3, v], axis=2)
+        visible = mx.arange(1016) >= 13  # a batch row's mask: its padding hidden
+        for i in range(8):
+            context = 1003 - 8 + i + 1
+            one = attention.attention(
+                q[:, :, i : i + 1], k[:, :, :context], v[:, :, :context], None, 0.125, None
+            )
+            padded = attention.attention(
+                q[:, :, i : i + 1],
+                k_padded[:, :, : 13 + context],
+                v_padded[:, :, : 13 + context],
+                None,
+                0.125,
+                visible[: 13 + context][None],
+            )
+            decoded = np.array(one)[:, :, 0].view(np.uint32)
+            assert np.array_equal(verify[:, :, i].view(np.uint32), decoded)
+            assert np.array_equal(np.array(padded)[:, :, 0].view(np.uint32), decoded)
+
+
+def test_without_the_decode_kernel_smaller_calls_keep_mlx_attention_bit_for_bit() -> None:
+    attention.configure(True, None)
+    try:
+        for L in (1, 9, 33, 63):  # a decode step, verifies up to max_draft 32, a short prefill
+            q, k, v = _qkv(9, 3, L, 4000, seed=L)  # long context: many scores
+            ours = attention.attention(q, k, v, None, scale=0.25, mask=None)
+            theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
+            assert np.array_equal(np.array(ours).view(np.uint32), np.array(theirs).view(np.uint32))
+    finally:
+        from ragcache.blas import skinny_kernel
+        from ragcache.settings import read_blas_settings
+
+        settings = read_blas_settings()
+        attention.configure(
+            settings.fast_softmax, skinny_kernel() if settings.decode_attention else None
+        )
 
 
 def test_only_the_loaded_model_is_routed(tiny_llama: LoadedModel) -> None:
@@ -90,11 +171,3 @@ def test_only_the_loaded_model_is_routed(tiny_llama: LoadedModel) -> None:
     attention.install(plain)
     assert attention.routes(plain)
     assert np.array_equal(np.array(plain(x)), ours)
-
-
-def test_decode_steps_batches_and_verifies_keep_mlx_attention() -> None:
-    for L in (1, 9, 33, 63):  # a decode step, verifies up to max_draft 32, a short prefill step
-        q, k, v = _qkv(9, 3, L, 4000, seed=L)  # long context: many scores
-        ours = attention.attention(q, k, v, None, scale=0.25, mask=None)
-        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None)
-        assert np.array_equal(np.array(ours).view(np.uint32), np.array(theirs).view(np.uint32))

@@ -8,6 +8,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
 from ragcache.blas import blas_status, cpu_flags, skinny_kernel
@@ -287,3 +289,94 @@ def test_a_split_products_second_half_has_the_same_bits_whoever_computes_it(kern
             pytest.fail(f"not both ways in 200 attempts: {before} -> {after}")
     finally:
         kernel.configure(True, k_block, unroll, threads)
+
+
+@pytest.mark.parametrize("k", [16, 64, 256])
+@pytest.mark.parametrize("n", [1, 7, 13, 64, 1000, 1003])
+def test_products_over_few_inputs_with_up_to_64_rows_are_bit_identical(kernel, n, k) -> None:
+    """Attention's scores (queries times keys: k the head size, n the context, any n) are taken
+    with up to 64 rows (a verify's grouped heads), read through a transposed tile, with
+    OpenBLAS's bits."""
+    for m in (1, 3, 9, 33, 64):
+        assert kernel.matches_openblas(n, k, seed=m, m=m), m
+
+
+def _softmax_reference(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    e = np.exp(scores.astype(np.float64) - scores.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)) @ values.astype(np.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    keys=st.integers(1, 700),
+    width=st.sampled_from([1, 5, 8, 64, 70, 256]),
+    before=st.integers(0, 40),
+    after=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_a_softmax_products_row_has_the_same_bits_whatever_stands_around_it(
+    rows: int, keys: int, width: int, before: int, after: int, seed: int
+) -> None:
+    """softmax(a) b, as attention's smaller calls get it: close to the float64 product, and a
+    row's bits do not depend on masked keys before or after its own (a batch's left padding, a
+    verify's later draft positions) nor on the other rows of the call."""
+    kernel = skinny_kernel()
+    assert kernel is not None
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((rows, keys), dtype=np.float32) * 4
+    values = rng.standard_normal((keys, width), dtype=np.float32)
+    out = kernel.softmax_product(scores, values)
+    np.testing.assert_allclose(out, _softmax_reference(scores, values), rtol=2e-5, atol=2e-6)
+    lowest = np.finfo(np.float32).min  # MLX's mask value; -inf (an additive mask) too
+    masked = np.concatenate(
+        [
+            np.full((rows, before), lowest, np.float32),
+            scores,
+            np.full((rows, after), -np.inf, np.float32),
+        ],
+        axis=1,
+    )
+    around = rng.standard_normal((before + keys + after, width), dtype=np.float32) * 100
+    around[before : before + keys] = values
+    assert np.array_equal(
+        kernel.softmax_product(masked, around).view(np.uint32), out.view(np.uint32)
+    )
+    for r in range(rows):
+        alone = kernel.softmax_product(scores[r : r + 1], values)
+        assert np.array_equal(alone.view(np.uint32), out[r : r + 1].view(np.uint32))
+
+
+def test_a_nan_score_gives_nan_not_a_number() -> None:
+    kernel = skinny_kernel()
+    assert kernel is not None
+    scores = np.zeros((2, 9), np.float32)
+    scores[0, 4] = np.nan
+    out = kernel.softmax_product(scores, np.ones((9, 3), np.float32))
+    assert np.isnan(out[0]).all() and np.allclose(out[1], 1.0)
+
+
+def test_mlx_reaches_the_softmax_product_through_addmm_and_nothing_else_takes_it(kernel) -> None:
+    """The NaN alpha asks this library's cblas_sgemm for softmax(A) B; a call with that alpha in
+    another layout is not taken, and OpenBLAS then gives NaN: loud, never a different number."""
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((2, 3, 5, 40), dtype=np.float32)
+    values = rng.standard_normal((2, 3, 40, 24), dtype=np.float32)
+    zero = mx.array(0.0)
+    before = kernel.counters()["softmax_products"]
+    out = mx.addmm(zero, mx.array(scores), mx.array(values), alpha=kernel.softmax_alpha, beta=0.0)
+    mx.eval(out)
+    assert kernel.counters()["softmax_products"] == before + 6  # one call per (sequence, head)
+    direct = np.stack(
+        [
+            np.stack([kernel.softmax_product(scores[i, h], values[i, h]) for h in range(3)])
+            for i in range(2)
+        ]
+    )
+    assert np.array_equal(np.array(out).view(np.uint32), direct.view(np.uint32))
+    # The values stored transposed: MLX passes B with its transpose flag, not the library's call.
+    stored_transposed = mx.array(np.ascontiguousarray(values.swapaxes(-1, -2))).swapaxes(-1, -2)
+    other = mx.addmm(
+        zero, mx.array(scores), stored_transposed, alpha=kernel.softmax_alpha, beta=0.0
+    )
+    assert np.isnan(np.array(other)).all()

@@ -237,6 +237,39 @@ def test_speculative_greedy_equals_plain_greedy(loaded: LoadedModel, cached: boo
     assert accepted > 0
 
 
+def test_a_verify_gives_each_position_the_bits_of_its_decode_step(loaded: LoadedModel) -> None:
+    """Stronger than equal tokens: a verify's logits are, bit for bit, the logits of decoding
+    the same tokens one at a time, and so are the steps after a rejected draft was cut back.
+    Gemma's 24-token window has wrapped after the 90-token prompt (its decode steps write a ring,
+    its verify steps see the window in temporal order). Needs the decode kernel's attention."""
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from ragcache import attention
+
+    if not attention.tag().endswith(attention.DECODE_TAG):
+        pytest.skip("MLX's attention splits its sums by the context's length")
+    net = loaded.model
+    prompt = mx.array([repetitive_prompt(1).tokens])
+    draft = [11, 12, 13, 14, 15, 16, 17, 18]
+
+    def prefilled() -> list:
+        kv = make_prompt_cache(net)
+        mx.eval(net(prompt, cache=kv))
+        return kv
+
+    kv = prefilled()
+    decoded = [np.array(net(mx.array([[t]]), cache=kv)[0, -1]) for t in draft]
+    kv = prefilled()
+    verified = np.array(net(mx.array([draft]), cache=kv)[0])
+    for i in range(len(draft)):
+        assert np.array_equal(verified[i].view(np.uint32), decoded[i].view(np.uint32)), i
+    cut_back(kv, 5)  # three of the draft kept: the next steps decode from there
+    again = [np.array(net(mx.array([[t]]), cache=kv)[0, -1]) for t in draft[3:]]
+    for i, row in enumerate(again):
+        assert np.array_equal(row.view(np.uint32), decoded[3 + i].view(np.uint32)), i
+
+
 @pytest.mark.parametrize("prompt_tokens", [90, 12])
 def test_a_sliding_window_speculates_before_and_after_it_wraps(
     tiny_gemma: LoadedModel, prompt_tokens: int, merges: list[int]

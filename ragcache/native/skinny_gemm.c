@@ -25,6 +25,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -39,6 +40,7 @@ static int k_block = 0;  /* OpenBLAS's sgemm K block (GEMM_Q) */
 static int k_unroll = 1; /* how it rounds a split block */
 static long calls_taken = 0, calls_passed = 0, shapes_refused = 0, packed_products = 0;
 static long helper_halves = 0, halves_taken_back = 0; /* who computed a split product's 2nd half */
+static long softmax_products = 0;
 
 /* OpenBLAS's K partition (driver/level3/level3.c): blocks of GEMM_Q, except that a remainder
  * between Q and 2Q is split in two halves rounded up to the unroll. */
@@ -51,32 +53,100 @@ static int next_block(int remaining) {
   return remaining;
 }
 
-/* c[r][j] for r < m, j in [j0, j1) (multiples of 8) = row r of a times row j of b (n x k,
- * leading dim ldb): eight output columns at a time, each its own FMA chain over k. The eight rows
- * of b (8 x k floats) stay in L1 while every row of a passes over them, so b is read once. */
-static void rows_block(int m, int j0, int j1, int k, const float *a, int lda, const float *b,
-                       int ldb, float *c, int ldc) {
-  for (int j = j0; j < j1; j += 8) {
-    const float *p0 = b + (size_t)j * ldb, *p1 = p0 + ldb, *p2 = p1 + ldb, *p3 = p2 + ldb;
-    const float *p4 = p3 + ldb, *p5 = p4 + ldb, *p6 = p5 + ldb, *p7 = p6 + ldb;
-    for (int r = 0; r < m; r++) {
-      const float *x_row = a + (size_t)r * lda;
-      float o0 = 0, o1 = 0, o2 = 0, o3 = 0, o4 = 0, o5 = 0, o6 = 0, o7 = 0;
-      for (int k0 = 0; k0 < k;) {
-        int len = next_block(k - k0);
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-        for (int kk = k0; kk < k0 + len; kk++) {
-          float x = x_row[kk];
-          s0 = fmaf(p0[kk], x, s0), s1 = fmaf(p1[kk], x, s1), s2 = fmaf(p2[kk], x, s2);
-          s3 = fmaf(p3[kk], x, s3), s4 = fmaf(p4[kk], x, s4), s5 = fmaf(p5[kk], x, s5);
-          s6 = fmaf(p6[kk], x, s6), s7 = fmaf(p7[kk], x, s7);
-        }
-        o0 += s0, o1 += s1, o2 += s2, o3 += s3, o4 += s4, o5 += s5, o6 += s6, o7 += s7;
-        k0 += len;
+/* Rows j..j+7 of b (n x k, leading dim ldb), inputs k0 .. k0+len-1, transposed into t[len][8]:
+ * lane l of t[kk] is b[j+l][k0+kk], so one vector load gives eight outputs' weights for one input.
+ * Rows past n read as zeros (their outputs are computed and dropped). */
+static const float zero_row[1024];
+static void transpose_tile(const float *b, int ldb, int j, int n, int k0, int len, float *t) {
+  const float *row[8];
+  for (int l = 0; l < 8; l++) row[l] = j + l < n ? b + (size_t)(j + l) * ldb + k0 : zero_row;
+  int kk = 0;
+  for (; kk + 8 <= len; kk += 8) { /* an 8 x 8 block: the usual unpack/shuffle/permute transpose */
+    __m256 r0 = _mm256_loadu_ps(row[0] + kk), r1 = _mm256_loadu_ps(row[1] + kk);
+    __m256 r2 = _mm256_loadu_ps(row[2] + kk), r3 = _mm256_loadu_ps(row[3] + kk);
+    __m256 r4 = _mm256_loadu_ps(row[4] + kk), r5 = _mm256_loadu_ps(row[5] + kk);
+    __m256 r6 = _mm256_loadu_ps(row[6] + kk), r7 = _mm256_loadu_ps(row[7] + kk);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    float *out = t + (size_t)kk * 8;
+    _mm256_storeu_ps(out + 0, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(out + 32, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(out + 40, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(out + 48, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(out + 56, _mm256_permute2f128_ps(s3, s7, 0x31));
+  }
+  for (; kk < len; kk++)
+    for (int l = 0; l < 8; l++) t[(size_t)kk * 8 + l] = row[l][kk];
+}
+
+/* Rows r0 .. r0+R-1 of the tile pair at t (two transposed tiles, 16 outputs per input), one K
+ * block: 2R independent FMA chains, each output lane its own chain over the block. */
+static inline __attribute__((always_inline)) void tile_rows(const int R, int r0, int k0, int len,
+                                                            const float *a, int lda,
+                                                            const float *t0, const float *t1,
+                                                            __m256 *o_lo, __m256 *o_hi) {
+  __m256 s_lo[4], s_hi[4];
+  for (int i = 0; i < R; i++) s_lo[i] = s_hi[i] = _mm256_setzero_ps();
+  for (int kk = 0; kk < len; kk++) {
+    __m256 w_lo = _mm256_loadu_ps(t0 + (size_t)kk * 8), w_hi = _mm256_loadu_ps(t1 + (size_t)kk * 8);
+    for (int i = 0; i < R; i++) {
+      __m256 x = _mm256_broadcast_ss(a + (size_t)(r0 + i) * lda + k0 + kk);
+      s_lo[i] = _mm256_fmadd_ps(w_lo, x, s_lo[i]);
+      s_hi[i] = _mm256_fmadd_ps(w_hi, x, s_hi[i]);
+    }
+  }
+  for (int i = 0; i < R; i++)
+    o_lo[r0 + i] = _mm256_add_ps(o_lo[r0 + i], s_lo[i]),
+    o_hi[r0 + i] = _mm256_add_ps(o_hi[r0 + i], s_hi[i]);
+}
+
+/* c[r][j] for r < m (<= MAX_TILE_ROWS), j in [j0, j1) (j0 a multiple of 16) = row r of a times
+ * row j of b (n x k, leading dim ldb), for a b read as it is (no packed copy: attention's keys,
+ * a weight that was not packed). Each output is one FMA chain over each K block, the block sums
+ * added in order (OpenBLAS's ordinary order): the chains run eight outputs to a vector over b's
+ * rows transposed sixteen at a time in L1, so b is read once for all rows of a. */
+#define MAX_TILE_ROWS 64
+#define MAX_K_BLOCK 1024 /* the largest K block a probe can find (_BLOCKS in skinny_gemm.py) */
+static void rows_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
+                       const float *b, int ldb, float *c, int ldc) {
+  float t[2 * MAX_K_BLOCK * 8] __attribute__((aligned(32)));
+  __m256 o_lo[MAX_TILE_ROWS], o_hi[MAX_TILE_ROWS];
+  for (int j = j0; j < j1; j += 16) {
+    for (int r = 0; r < m; r++) o_lo[r] = o_hi[r] = _mm256_setzero_ps();
+    for (int k0 = 0; k0 < k;) {
+      int len = next_block(k - k0);
+      transpose_tile(b, ldb, j, n, k0, len, t);
+      transpose_tile(b, ldb, j + 8, n, k0, len, t + (size_t)len * 8);
+      const float *t1 = t + (size_t)len * 8;
+      int r = 0;
+      for (; r + 4 <= m; r += 4) tile_rows(4, r, k0, len, a, lda, t, t1, o_lo, o_hi);
+      switch (m - r) {
+        case 3: tile_rows(3, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
+        case 2: tile_rows(2, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
+        case 1: tile_rows(1, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
+        default: break;
       }
+      k0 += len;
+    }
+    int width = n - j < 16 ? n - j : 16;
+    for (int r = 0; r < m; r++) {
       float *out = c + (size_t)r * ldc + j;
-      out[0] = o0, out[1] = o1, out[2] = o2, out[3] = o3;
-      out[4] = o4, out[5] = o5, out[6] = o6, out[7] = o7;
+      if (width == 16) {
+        _mm256_storeu_ps(out, o_lo[r]), _mm256_storeu_ps(out + 8, o_hi[r]);
+      } else { /* the last outputs: the padding lanes are dropped */
+        float tmp[16];
+        _mm256_storeu_ps(tmp, o_lo[r]), _mm256_storeu_ps(tmp + 8, o_hi[r]);
+        memcpy(out, tmp, sizeof(float) * (size_t)width);
+      }
     }
   }
 }
@@ -189,6 +259,123 @@ static void packed_block(int m, int j0, int j1, int n, int k, const float *a, in
   }
 }
 
+/* Attention's second product with its softmax, for decode steps, batches of them and speculative
+ * verifies: c[r] = softmax(a[r]) times b, for scores a (m x k) and values b (k x n), the row's
+ * exponentials summed in one chain in k order and the weighted values in one FMA chain per
+ * output in k order, divided by the sum at the end. MLX's CPU softmax computes exp one element at
+ * a time (~16 ns each here) and OpenBLAS then packs the values into a scratch copy on every call;
+ * here the exp is eight wide and the values are read once. The order is the point as much as the
+ * speed: a masked score (exp 0) adds nothing to either chain, so a row has the same bits whatever
+ * masked keys stand before or after its own (a verify row against the draft's later keys, a
+ * batch row behind left padding) and however many rows the call has. A decode step, a
+ * speculative verify and a batched step then give a position the same attention output. */
+
+/* exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf as MLX's own: x = n ln2 + f,
+ * exp(f) by a degree-5 polynomial, times 2^n. Below -87 (under float's normal range, and every
+ * masked score) it is exactly 0. A fixed sequence of operations: each element's bits depend on
+ * its value alone. */
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.0f);
+  __m256 zero_mask = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(low, x); /* a NaN score stays NaN (max_ps returns its second operand) */
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                              _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+}
+
+/* A growing scratch buffer per thread (the caller's and the helper's). */
+static __thread float *scratch = NULL;
+static __thread size_t scratch_floats = 0;
+static float *scratch_for(size_t floats) {
+  if (floats > scratch_floats) {
+    free(scratch);
+    scratch = aligned_alloc(32, (floats * sizeof(float) + 31) / 32 * 32);
+    scratch_floats = scratch ? floats : 0;
+  }
+  return scratch;
+}
+
+/* Rows r0 .. r1-1 of c = softmax(a) b (see above), the sums taken in key order from key
+ * `first` round to key first - 1: a sliding window's keys after it wrapped stand in a ring whose
+ * oldest key is not the first (mlx-lm's RotatingKVCache), and summed from the oldest a decode
+ * step's row has the bits the same position gets in a verify (whose keys are in temporal order).
+ * 0: no memory for the exponentials. */
+static int softmax_rows_product(int r0, int r1, int n, int k, int first, const float *a, int lda,
+                                const float *b, int ldb, float *c, int ldc) {
+  size_t padded = ((size_t)k + 7) / 8 * 8;
+  float *e = scratch_for(padded);
+  if (!e) return 0;
+  for (int r = r0; r < r1; r++) {
+    const float *row = a + (size_t)r * lda;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int kk = 0;
+    for (; kk + 8 <= k; kk += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(row + kk), top8);
+    float lanes[8], top = -INFINITY;
+    _mm256_storeu_ps(lanes, top8);
+    for (int l = 0; l < 8; l++) top = lanes[l] > top ? lanes[l] : top;
+    for (; kk < k; kk++) top = row[kk] > top ? row[kk] : top;
+    __m256 shift = _mm256_set1_ps(top);
+    for (kk = 0; kk < k; kk += 8) {
+      __m256 x;
+      if (kk + 8 <= k) x = _mm256_loadu_ps(row + kk);
+      else { /* the last inputs, padded with scores that give exp 0 */
+        float tail[8];
+        for (int l = 0; l < 8; l++) tail[l] = kk + l < k ? row[kk + l] : -INFINITY;
+        x = _mm256_loadu_ps(tail);
+      }
+      _mm256_store_ps(e + kk, exp_nonpositive(_mm256_sub_ps(x, shift)));
+    }
+    /* The keys in order: [first, k) then [0, first). */
+    const int from[2] = {first, 0}, to[2] = {k, first};
+    float sum = 0.0f;
+    for (int part = 0; part < 2; part++)
+      for (kk = from[part]; kk < to[part]; kk++) sum += e[kk];
+    float *out = c + (size_t)r * ldc;
+    int j = 0;
+    __m256 s = _mm256_set1_ps(sum);
+    for (; j + 64 <= n; j += 64) { /* eight vectors of outputs: eight independent chains */
+      __m256 o[8];
+      for (int v = 0; v < 8; v++) o[v] = _mm256_setzero_ps();
+      for (int part = 0; part < 2; part++)
+        for (kk = from[part]; kk < to[part]; kk++) {
+          if (e[kk] == 0.0f) continue;
+          __m256 x = _mm256_broadcast_ss(e + kk);
+          const float *values = b + (size_t)kk * ldb + j;
+          for (int v = 0; v < 8; v++)
+            o[v] = _mm256_fmadd_ps(_mm256_loadu_ps(values + 8 * v), x, o[v]);
+        }
+      for (int v = 0; v < 8; v++) _mm256_storeu_ps(out + j + 8 * v, _mm256_div_ps(o[v], s));
+    }
+    for (; j + 8 <= n; j += 8) {
+      __m256 o = _mm256_setzero_ps();
+      for (int part = 0; part < 2; part++)
+        for (kk = from[part]; kk < to[part]; kk++)
+          if (e[kk] != 0.0f)
+            o = _mm256_fmadd_ps(_mm256_loadu_ps(b + (size_t)kk * ldb + j),
+                                _mm256_broadcast_ss(e + kk), o);
+      _mm256_storeu_ps(out + j, _mm256_div_ps(o, s));
+    }
+    for (; j < n; j++) { /* the same chain, one output at a time */
+      float o = 0.0f;
+      for (int part = 0; part < 2; part++)
+        for (kk = from[part]; kk < to[part]; kk++)
+          if (e[kk] != 0.0f) o = fmaf(b[(size_t)kk * ldb + j], e[kk], o);
+      out[j] = o / sum;
+    }
+  }
+  return 1;
+}
+
 static void ensure_atfork(void);
 
 static size_t packed_size(int n, int k) { return (size_t)((n + 15) / 16) * 16 * (size_t)k; }
@@ -276,13 +463,20 @@ typedef struct {
   int m, j0, j1, n, k, lda, ldb, ldc;
   const float *a, *b, *pk; /* pk: b's packed copy, or NULL */
   float *c;
+  int softmax; /* 1: rows j0 .. j1-1 of softmax(a) b, else columns j0 .. j1-1 of a b^T */
+  int first;   /* softmax: the key its sums start from */
 } job_t;
 
 static void run_block(const job_t *w) {
-  if (w->pk)
+  if (w->softmax) {
+    if (!softmax_rows_product(w->j0, w->j1, w->n, w->k, w->first, w->a, w->lda, w->b, w->ldb,
+                              w->c, w->ldc))
+      for (int r = w->j0; r < w->j1; r++) /* no memory for the exponentials: loud, not wrong */
+        for (int j = 0; j < w->n; j++) w->c[(size_t)r * w->ldc + j] = NAN;
+  } else if (w->pk)
     packed_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->pk, w->c, w->ldc);
   else
-    rows_block(w->m, w->j0, w->j1, w->k, w->a, w->lda, w->b, w->ldb, w->c, w->ldc);
+    rows_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->b, w->ldb, w->c, w->ldc);
 }
 static pthread_t helper;
 static int threads = 1, helper_started = 0;
@@ -348,24 +542,20 @@ static int ensure_helper(void) {
   return helper_started;
 }
 
-static void compute(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
-                    float *c, int ldc) {
-  __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
-  const float *pk = packed_find(b, n, k, ldb);
-  if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c};
-  if (threads < 2 || n < 256 || pthread_mutex_trylock(&helper_owner) != 0) {
+/* Runs `whole` with its range split at `half`: the caller computes [j0, half), the helper
+ * [half, j1) unless the caller finishes first and takes that back. Alone when the helper is off
+ * or in use. */
+static void run_split(job_t whole, int half) {
+  if (threads < 2 || half <= whole.j0 || half >= whole.j1 ||
+      pthread_mutex_trylock(&helper_owner) != 0) {
     run_block(&whole);
-    __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return;
   }
   if (!ensure_helper()) {
     pthread_mutex_unlock(&helper_owner);
     run_block(&whole);
-    __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return;
   }
-  int half = ((n / 2) + 15) / 16 * 16; /* a multiple of 16: a packed block is not split */
   job = whole;
   job.j0 = half;
   __atomic_store_n(&job_done, 0, __ATOMIC_RELAXED);
@@ -382,7 +572,25 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
   } else
     while (!__atomic_load_n(&job_done, __ATOMIC_ACQUIRE)) _mm_pause();
   pthread_mutex_unlock(&helper_owner);
+}
+
+static void compute(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
+                    float *c, int ldc) {
+  __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
+  const float *pk = packed_find(b, n, k, ldb);
+  if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
+  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0};
+  /* Halves a multiple of 16: a packed block (or a tile pair) is not split. */
+  run_split(whole, n < 256 ? 0 : ((n / 2) + 15) / 16 * 16);
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
+}
+
+/* softmax(a) b for all m rows, the rows shared with the helper when there is enough work. */
+static void softmax_product(int m, int n, int k, int first, const float *a, int lda,
+                            const float *b, int ldb, float *c, int ldc) {
+  __atomic_add_fetch(&softmax_products, 1, __ATOMIC_RELAXED);
+  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k};
+  run_split(whole, (long)m * n * k < 32768L ? 0 : (m + 1) / 2);
 }
 
 /* The bits a row gets inside a prefill: OpenBLAS's sgemm over enough rows that it takes its
@@ -458,26 +666,53 @@ static void record(int n, int k, int verdict) {
 
 /* The calls decode, speculative verifies and small batches make: row-major C (m x n) = A (m x k)
  * * B^T with B stored n x k (an MLX Linear weight), one row, or up to MAX_ROWS rows in a small
- * product, alpha 1, beta 0. Anything else is OpenBLAS's. `reference_only` computes those calls through the padded OpenBLAS product
- * instead of this kernel (the bits this kernel must reproduce; for tests). */
+ * product, alpha 1, beta 0; and products over at most SMALL_K inputs with up to MAX_TILE_ROWS
+ * rows, whose B is read as it is (attention's scores: queries times keys, k the head size, n the
+ * context). Anything else is OpenBLAS's. `reference_only` computes those calls through the padded
+ * OpenBLAS product instead of this kernel (the bits this kernel must reproduce; for tests).
+ *
+ * One more call is this library's own: an alpha among the NaNs SOFTMAX_ALPHA_BITS marks, with B
+ * not transposed and beta 0, asks for softmax(A) B (softmax_rows_product), which ragcache's
+ * attention requests through MLX's addmm. Nothing else passes such a NaN; if such a call ever
+ * reached OpenBLAS its result would be NaN, not a silently different number. */
 #define MAX_ROWS 8
+#define SMALL_K 256
 /* Products of 2-8 rows are taken only up to this size (m*n*k), where OpenBLAS may use its
  * small-matrix kernel; above it OpenBLAS's ordinary path has the reference bits itself and its
  * packed kernel is faster than this one's scalar FMA chains (a speculative verify of 8 rows over
  * every weight measured slower here). A weight with a packed copy is taken at any size: its rows
  * are read once for all the product's rows (packed_rows). */
 #define SMALL_PRODUCT 1000000L
+/* A quiet NaN whose payload's top four bits are 1010; its low 18 bits carry the key the sums
+ * start from (softmax_rows_product). */
+#define SOFTMAX_ALPHA_BITS 0x7FE80000u
+#define SOFTMAX_ALPHA_MASK 0xFFFC0000u
+#define SOFTMAX_FIRST_LIMIT (1 << 18)
 static int reference_only = 0;
+
+/* The key a softmax call's sums start from, or -1: alpha does not ask for a softmax product. */
+static int softmax_first(float alpha) {
+  uint32_t bits;
+  memcpy(&bits, &alpha, sizeof bits);
+  return (bits & SOFTMAX_ALPHA_MASK) == SOFTMAX_ALPHA_BITS ? (int)(bits & ~SOFTMAX_ALPHA_MASK) : -1;
+}
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   int verdict, packed = 0;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
-  int decode_shaped = enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
-                      m <= MAX_ROWS && k > 0 && n >= 8 && n % 8 == 0 && alpha == 1.0f &&
-                      beta == 0.0f;
-  if (decode_shaped) packed = is_packed(b, n, k, ldb); /* looked up once per call */
-  if (!(decode_shaped && (m == 1 || (long)m * n * k <= SMALL_PRODUCT || packed))) {
+  int first = softmax_first(alpha);
+  if (first >= 0 && order == RowMajor && ta == NoTrans && tb == NoTrans && beta == 0.0f &&
+      m >= 1 && n >= 1 && k >= 1) {
+    softmax_product(m, n, k, first, a, lda, b, ldb, c, ldc);
+    return;
+  }
+  int product_shaped = enabled && order == RowMajor && ta == NoTrans && tb == Trans && m >= 1 &&
+                       k > 0 && n >= 1 && alpha == 1.0f && beta == 0.0f;
+  if (product_shaped && m <= MAX_ROWS && n % 8 == 0) packed = is_packed(b, n, k, ldb);
+  int small_rows = m <= MAX_ROWS && (m == 1 || (long)m * n * k <= SMALL_PRODUCT || packed);
+  int small_k = !packed && m <= MAX_TILE_ROWS && k <= SMALL_K;
+  if (!(product_shaped && (small_rows || small_k))) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
@@ -539,15 +774,31 @@ void skinny_gemm_openblas(int m, int n, int k, const float *a, const float *b, f
   real_sgemm(RowMajor, NoTrans, Trans, m, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
 }
 void skinny_gemm_reference_only(int on) { reference_only = on; }
+/* softmax(a) b for a (m x k) and b (k x n), its sums from key `first`, as attention's calls
+ * get it. */
+void skinny_gemm_softmax_product(int m, int n, int k, int first, const float *a, const float *b,
+                                 float *c) {
+  softmax_product(m, n, k, first, a, k, b, n, c, n);
+}
+/* The alpha that asks cblas_sgemm for softmax(A) B with its sums from key `first`
+ * (0 <= first < skinny_gemm_softmax_first_limit()). */
+float skinny_gemm_softmax_alpha(int first) {
+  float alpha;
+  uint32_t bits = SOFTMAX_ALPHA_BITS | (uint32_t)first;
+  memcpy(&alpha, &bits, sizeof alpha);
+  return alpha;
+}
+int skinny_gemm_softmax_first_limit(void) { return SOFTMAX_FIRST_LIMIT; }
 
 /* 0: calls taken, 1: calls passed to OpenBLAS, 2: shapes refused by their first-call check,
  * 3: products computed from a packed copy, 4: second halves the helper computed, 5: second
- * halves the caller took back from a helper that had not started them. */
+ * halves the caller took back from a helper that had not started them, 6: softmax products. */
 long skinny_gemm_counter(int which) {
   return which == 0   ? calls_taken
          : which == 1 ? calls_passed
          : which == 2 ? shapes_refused
          : which == 3 ? packed_products
          : which == 4 ? helper_halves
-                      : halves_taken_back;
+         : which == 5 ? halves_taken_back
+                      : softmax_products;
 }
