@@ -38,7 +38,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention as _ORIGINAL
-from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
 from ragcache.skinny_gemm import SkinnyGemm
 
@@ -138,7 +138,7 @@ def attention(
         if mask.shape[-3] == 1:
             mask = mx.expand_dims(mask, -3)
         else:
-            mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, L, S)
+            mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, *mask.shape[-2:])
     if mask is not None:
         if mask.dtype == mx.bool_:
             lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
@@ -154,7 +154,11 @@ def _oldest_key(cache: Any, L: int, S: int) -> int:
     window that has wrapped (mlx-lm's `RotatingKVCache` writes a decode step's key over its
     oldest, so the buffer is a ring whose oldest key follows the newest). A multi-token step's
     keys come in temporal order (mlx-lm's concat path)."""
-    if L != 1 or not isinstance(cache, RotatingKVCache) or cache.keep != 0:
+    if L != 1:
+        return 0
+    if isinstance(cache, BatchRotatingKVCache):  # a batch's ring: wrapped once `rotated`
+        return int(cache._idx) % S if cache.rotated and cache.max_size == S else 0
+    if not isinstance(cache, RotatingKVCache) or cache.keep != 0:
         return 0
     if not isinstance(cache.offset, int) or cache.offset <= cache.max_size or cache.max_size != S:
         return 0
@@ -186,7 +190,7 @@ def softmax_product_attention(
             if mask.shape[-3] == 1:
                 mask = mx.expand_dims(mask, -3)
             else:
-                mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, L, S)
+                mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, *mask.shape[-2:])
         if mask.dtype == mx.bool_:
             lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
             grouped = mx.where(mask, grouped, lowest)
@@ -215,20 +219,20 @@ def decode_available(kernel: SkinnyGemm | None) -> tuple[bool, str]:
     if kernel is None:
         return False, "the decode kernel is off: MLX's attention"
     rng = np.random.default_rng(0)
-    scores = rng.standard_normal((2, 3, 40), dtype=np.float32)
-    values = rng.standard_normal((2, 40, 24), dtype=np.float32)
     zero = mx.array(0.0)
-    through_mlx = mx.addmm(
-        zero, mx.array(scores), mx.array(values), alpha=kernel.softmax_alpha, beta=0.0
-    )
-    from_key_7 = mx.addmm(
-        zero, mx.array(scores), mx.array(values), alpha=kernel.softmax_alpha_from(7), beta=0.0
-    )
-    direct = np.stack([kernel.softmax_product(scores[i], values[i]) for i in range(2)])
-    direct_7 = np.stack([kernel.softmax_product(scores[i], values[i], 7) for i in range(2)])
-    for mine, expected in ((through_mlx, direct), (from_key_7, direct_7)):
-        if not np.array_equal(np.array(mine).view(np.uint32), expected.view(np.uint32)):
-            return False, "MLX's matmuls do not reach the decode kernel: MLX's attention"
+    # Rows as a decode step (1), grouped heads (3); values whole and sliced out of a longer
+    # buffer (a cache's keys so far); sums from the first key and from a ring's seventh.
+    for rows, first in ((1, 0), (3, 0), (3, 7)):
+        scores = rng.standard_normal((2, rows, 40), dtype=np.float32)
+        buffer = rng.standard_normal((2, 64, 24), dtype=np.float32)
+        for values in (mx.array(buffer[:, :40]), mx.array(buffer)[:, :40]):
+            alpha = kernel.softmax_alpha_from(first)
+            mine = mx.addmm(zero, mx.array(scores), values, alpha=alpha, beta=0.0)
+            expected = np.stack(
+                [kernel.softmax_product(scores[i], buffer[i, :40], first) for i in range(2)]
+            )
+            if not np.array_equal(np.array(mine).view(np.uint32), expected.view(np.uint32)):
+                return False, "MLX's matmuls do not reach the decode kernel: MLX's attention"
     return True, "softmax product in the decode kernel (ragcache.attention)"
 
 

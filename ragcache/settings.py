@@ -40,8 +40,8 @@ class BlasSettings:
     # That kernel reads each float32 weight of a loaded model from a packed copy
     # (ragcache/packed_weights.py): ~3x its row-major read rate, for a second copy of the weights.
     packed_weights: bool = True
-    # Attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own exp is
-    # scalar there and took ~60% of a long prefill; off: MLX's attention, unchanged.
+    # Prefill attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own
+    # exp is scalar there and took ~60% of a long prefill; off: MLX's attention for prefill.
     fast_softmax: bool = True
     # Decode steps', batches' and verifies' attention through that kernel: softmax and the
     # product with the values in one native call (ragcache/attention.py); off: MLX's attention.

@@ -18,10 +18,15 @@ only calls where that is proven:
   it and the kernel stays off (seen: Haswell kernels forced onto an AVX-512 AMD machine);
 - every new (n, k) shape is computed both ways on its first call; one that differs in any bit is
   computed through the padded reference product from then on;
-- everything else (prefill, most of attention, any other caller) goes to OpenBLAS unchanged; a
-  decode step's attention scores (q times the keys, n = the context) are taken like a weight
-  when the context is a multiple of 8, and keep their own order otherwise: attention was never
-  bit-identical between decode and prefill (its sums over the context are split by length).
+- products over at most 256 inputs with up to 256 rows are taken too, in the same order and
+  under the same checks: attention's scores (the query heads of one key head times the keys,
+  k the head size, n the context), so a decode step's and a verify's agree;
+- everything else (prefill, any other caller) goes to OpenBLAS unchanged.
+
+The library also computes attention's softmax product for `ragcache.attention` (softmax of the
+scores times the values, in one call that MLX's `addmm` requests with a NaN alpha): its sums
+over the keys run in one order in which a masked key adds nothing, so a position gets the same
+bits in a decode step, a verify and a padded batch.
 
 A loaded model's float32 weights are also registered with the kernel (`ragcache.packed_weights`):
 it keeps a copy of each packed as blocks of 16 output rows with their inputs interleaved, which
@@ -43,6 +48,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +60,7 @@ _BLOCKS = (320, 384, 256, 512, 448, 640, 768, 192, 128)
 _UNROLLS = (4, 8, 16, 2, 1, 24, 32)
 _PROBE_K = (576, 896, 1536, 2048, 4864)  # one and several K blocks, and split remainders
 _PROBE_N = 256
-MAX_ROWS = 8  # the most rows a call the kernel takes has (native/skinny_gemm.c: MAX_ROWS)
+MAX_ROWS = 8  # the most rows a product over a weight the kernel takes has (native: MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -96,14 +102,16 @@ class SkinnyGemm:
         lib.skinny_gemm_packed_bytes.argtypes = []
         lib.skinny_gemm_packed_bytes.restype = ctypes.c_long
         lib.skinny_gemm_softmax_product.argtypes = [i, i, i, i, p, p, p]
-        lib.skinny_gemm_softmax_product.restype = None
+        lib.skinny_gemm_softmax_product.restype = i
         lib.skinny_gemm_softmax_alpha.argtypes = [i]
         lib.skinny_gemm_softmax_alpha.restype = ctypes.c_float
         lib.skinny_gemm_softmax_first_limit.argtypes = []
         lib.skinny_gemm_softmax_first_limit.restype = i
         self.softmax_first_limit = int(lib.skinny_gemm_softmax_first_limit())
-        # The alphas that ask this library's cblas_sgemm for softmax(A) B (NaNs; see the C).
+        # The alphas that ask this library's cblas_sgemm for softmax(A) B (NaNs; see the C),
+        # by the key their sums start from; extended under the lock (ctypes drops the GIL).
         self._softmax_alphas = [float(lib.skinny_gemm_softmax_alpha(0))]
+        self._alphas_lock = threading.Lock()
 
     def bind(self, openblas: str) -> bool:
         return int(self._lib.skinny_gemm_bind(openblas.encode())) == 0
@@ -177,11 +185,12 @@ class SkinnyGemm:
         (a wrapped sliding window's oldest key), 0 <= first < `softmax_first_limit`."""
         if not 0 <= first < self.softmax_first_limit:
             raise ValueError(f"first key {first} outside [0, {self.softmax_first_limit})")
-        while len(self._softmax_alphas) <= first:  # memo: one C call per key position
-            self._softmax_alphas.append(
-                float(self._lib.skinny_gemm_softmax_alpha(len(self._softmax_alphas)))
-            )
-        return self._softmax_alphas[first]
+        alphas = self._softmax_alphas
+        if first >= len(alphas):  # memo: one C call per key position
+            with self._alphas_lock:
+                while len(alphas) <= first:
+                    alphas.append(float(self._lib.skinny_gemm_softmax_alpha(len(alphas))))
+        return alphas[first]
 
     def softmax_product(self, a: Any, b: Any, first: int = 0) -> Any:
         """softmax(a) @ b for float32 numpy scores `a` (m x k) and values `b` (k x n), its sums
@@ -190,8 +199,10 @@ class SkinnyGemm:
         import numpy as np
 
         a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or 0 in a.shape + b.shape:
             raise ValueError(f"softmax_product: shapes {a.shape} and {b.shape} do not chain")
+        if not 0 <= first < a.shape[1]:
+            raise ValueError(f"softmax_product: first key {first} outside [0, {a.shape[1]})")
         out = np.empty((a.shape[0], b.shape[1]), np.float32)
         ptr = ctypes.c_void_p
         self._lib.skinny_gemm_softmax_product(

@@ -171,3 +171,33 @@ def test_only_the_loaded_model_is_routed(tiny_llama: LoadedModel) -> None:
     attention.install(plain)
     assert attention.routes(plain)
     assert np.array_equal(np.array(plain(x)), ours)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_wrapped_windows_oldest_key_is_found_where_mlx_lm_wrote_it(batched: bool) -> None:
+    """The decode path sums a sliding window's keys from its oldest (`_oldest_key`): after
+    mlx-lm's own writes (a prompt through its concat path, then one-token steps in place, a
+    verify-sized step in between), the keys read from there are the window's positions in
+    order."""
+    from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
+
+    window = 8
+    cache = BatchRotatingKVCache(window, left_padding=[0]) if batched else RotatingKVCache(window)
+    position = 0
+
+    def feed(n: int) -> mx.array:
+        nonlocal position
+        ids = mx.arange(position, position + n, dtype=mx.float32).reshape(1, 1, n, 1)
+        position += n
+        keys, _ = cache.update_and_fetch(ids, ids)
+        return keys
+
+    feed(5)
+    for step in range(30):
+        keys = feed(3 if step == 12 else 1)
+        if step == 12:
+            continue  # a multi-token step: temporal order, its own mask
+        stored = [int(x) for x in np.array(keys[0, 0, :, 0])]
+        first = attention._oldest_key(cache, 1, len(stored))
+        in_order = stored[first:] + stored[:first]
+        assert in_order == list(range(position - len(stored), position)), (step, stored, first)

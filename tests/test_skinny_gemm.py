@@ -295,9 +295,9 @@ def test_a_split_products_second_half_has_the_same_bits_whoever_computes_it(kern
 @pytest.mark.parametrize("n", [1, 7, 13, 64, 1000, 1003])
 def test_products_over_few_inputs_with_up_to_64_rows_are_bit_identical(kernel, n, k) -> None:
     """Attention's scores (queries times keys: k the head size, n the context, any n) are taken
-    with up to 64 rows (a verify's grouped heads), read through a transposed tile, with
+    with up to 256 rows (a verify's grouped heads), read through a transposed tile, with
     OpenBLAS's bits."""
-    for m in (1, 3, 9, 33, 64):
+    for m in (1, 3, 9, 33, 64, 100, 231):  # more than 64 rows: in groups of 64
         assert kernel.matches_openblas(n, k, seed=m, m=m), m
 
 
@@ -380,3 +380,13 @@ def test_mlx_reaches_the_softmax_product_through_addmm_and_nothing_else_takes_it
         zero, mx.array(scores), stored_transposed, alpha=kernel.softmax_alpha, beta=0.0
     )
     assert np.isnan(np.array(other)).all()
+
+
+def test_the_softmax_product_refuses_what_it_cannot_compute(kernel) -> None:
+    scores, values = np.zeros((2, 5), np.float32), np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match="first key"):
+        kernel.softmax_product(scores, values, first=5)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernel.softmax_product(np.zeros((2, 0), np.float32), np.zeros((0, 3), np.float32))
+    with pytest.raises(ValueError, match="first key"):
+        kernel.softmax_alpha_from(-1)

@@ -1,5 +1,6 @@
-/* Decode-sized float32 GEMM (1-8 rows), with the bits OpenBLAS gives those rows in a prefill,
- * reading the weight once.
+/* Decode-sized float32 GEMM (1-8 rows; up to 256 over few inputs, attention's scores), with the
+ * bits OpenBLAS gives those rows in a prefill, reading the weight once; and attention's softmax
+ * product (softmax_rows_product).
  *
  * Why: MLX's CPU backend calls cblas_sgemm for every matmul. For the few rows of a decode step,
  * OpenBLAS 0.3.21 either packs the whole weight into a scratch buffer on every call and then runs
@@ -109,17 +110,25 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, int r0,
     o_hi[r0 + i] = _mm256_add_ps(o_hi[r0 + i], s_hi[i]);
 }
 
-/* c[r][j] for r < m (<= MAX_TILE_ROWS), j in [j0, j1) (j0 a multiple of 16) = row r of a times
- * row j of b (n x k, leading dim ldb), for a b read as it is (no packed copy: attention's keys,
- * a weight that was not packed). Each output is one FMA chain over each K block, the block sums
- * added in order (OpenBLAS's ordinary order): the chains run eight outputs to a vector over b's
- * rows transposed sixteen at a time in L1, so b is read once for all rows of a. */
-#define MAX_TILE_ROWS 64
+/* c[r][j] for r < m, j in [j0, j1) (j0 a multiple of 16) = row r of a times row j of b (n x k,
+ * leading dim ldb), for a b read as it is (no packed copy: attention's keys, a weight that was
+ * not packed). Each output is one FMA chain over each K block, the block sums added in order
+ * (OpenBLAS's ordinary order): the chains run eight outputs to a vector over b's rows transposed
+ * sixteen at a time in L1, so b is read once for every TILE_ROWS rows of a. */
+#define TILE_ROWS 64
 #define MAX_K_BLOCK 1024 /* the largest K block a probe can find (_BLOCKS in skinny_gemm.py) */
+static void tile_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
+                       const float *b, int ldb, float *c, int ldc);
 static void rows_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
                        const float *b, int ldb, float *c, int ldc) {
+  for (int r = 0; r < m; r += TILE_ROWS)
+    tile_block(m - r < TILE_ROWS ? m - r : TILE_ROWS, j0, j1, n, k, a + (size_t)r * lda, lda, b,
+               ldb, c + (size_t)r * ldc, ldc);
+}
+static void tile_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
+                       const float *b, int ldb, float *c, int ldc) {
   float t[2 * MAX_K_BLOCK * 8] __attribute__((aligned(32)));
-  __m256 o_lo[MAX_TILE_ROWS], o_hi[MAX_TILE_ROWS];
+  __m256 o_lo[TILE_ROWS], o_hi[TILE_ROWS];
   for (int j = j0; j < j1; j += 16) {
     for (int r = 0; r < m; r++) o_lo[r] = o_hi[r] = _mm256_setzero_ps();
     for (int k0 = 0; k0 < k;) {
@@ -151,8 +160,9 @@ static void rows_block(int m, int j0, int j1, int n, int k, const float *a, int 
   }
 }
 
-/* Registered weights, packed for the one-row product. Row-major, the kernel above reads eight
- * weight rows at once with scalar FMAs (~10 GB/s here); packed as blocks of 16 output rows with
+/* Registered weights, packed for the one-row product. Row-major, the kernel above transposes
+ * every tile of the weight before its FMAs (its first form, scalar chains over eight weight rows,
+ * read ~10 GB/s here); packed as blocks of 16 output rows with
  * their k values interleaved ([n/16][k][16]), one vector load and one vector FMA per k serve 16
  * outputs and the product streams at memory speed (~30 GB/s per thread measured on the AMD EPYC
  * of these machines). Each output lane is still one FMA chain over k restarted at each K block,
@@ -271,8 +281,8 @@ static void packed_block(int m, int j0, int j1, int n, int k, const float *a, in
  * speculative verify and a batched step then give a position the same attention output. */
 
 /* exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf as MLX's own: x = n ln2 + f,
- * exp(f) by a degree-5 polynomial, times 2^n. Below -87 (under float's normal range, and every
- * masked score) it is exactly 0. A fixed sequence of operations: each element's bits depend on
+ * exp(f) by a degree-5 polynomial, times 2^n. Below -87 (near the bottom of float's normal
+ * range, and every masked score) it is exactly 0. A fixed sequence of operations: each element's bits depend on
  * its value alone. */
 static inline __m256 exp_nonpositive(__m256 x) {
   const __m256 low = _mm256_set1_ps(-87.0f);
@@ -310,6 +320,8 @@ static float *scratch_for(size_t floats) {
  * oldest key is not the first (mlx-lm's RotatingKVCache), and summed from the oldest a decode
  * step's row has the bits the same position gets in a verify (whose keys are in temporal order).
  * 0: no memory for the exponentials. */
+/* A key whose exponential is 0 is skipped, not multiplied: its value is never read (a masked
+ * slot's contents do not matter). */
 static int softmax_rows_product(int r0, int r1, int n, int k, int first, const float *a, int lda,
                                 const float *b, int ldb, float *c, int ldc) {
   size_t padded = ((size_t)k + 7) / 8 * 8;
@@ -666,7 +678,7 @@ static void record(int n, int k, int verdict) {
 
 /* The calls decode, speculative verifies and small batches make: row-major C (m x n) = A (m x k)
  * * B^T with B stored n x k (an MLX Linear weight), one row, or up to MAX_ROWS rows in a small
- * product, alpha 1, beta 0; and products over at most SMALL_K inputs with up to MAX_TILE_ROWS
+ * product, alpha 1, beta 0; and products over at most SMALL_K inputs with up to ATTENTION_ROWS
  * rows, whose B is read as it is (attention's scores: queries times keys, k the head size, n the
  * context). Anything else is OpenBLAS's. `reference_only` computes those calls through the padded
  * OpenBLAS product instead of this kernel (the bits this kernel must reproduce; for tests).
@@ -677,10 +689,14 @@ static void record(int n, int k, int verdict) {
  * reached OpenBLAS its result would be NaN, not a silently different number. */
 #define MAX_ROWS 8
 #define SMALL_K 256
+/* A verify's score rows: the query heads of one key head times the verified positions (Qwen2.5
+ * 0.5B: 7 x 33), and OpenBLAS's small-matrix kernel (SkylakeX) would take such products at small
+ * contexts in another order than a decode step's. */
+#define ATTENTION_ROWS 256
 /* Products of 2-8 rows are taken only up to this size (m*n*k), where OpenBLAS may use its
  * small-matrix kernel; above it OpenBLAS's ordinary path has the reference bits itself and its
- * packed kernel is faster than this one's scalar FMA chains (a speculative verify of 8 rows over
- * every weight measured slower here). A weight with a packed copy is taken at any size: its rows
+ * packed kernel is faster than this one's row-major reads (a speculative verify of 8 rows over
+ * every weight measured slower here, with the earlier scalar chains). A weight with a packed copy is taken at any size: its rows
  * are read once for all the product's rows (packed_rows). */
 #define SMALL_PRODUCT 1000000L
 /* A quiet NaN whose payload's top four bits are 1010; its low 18 bits carry the key the sums
@@ -711,7 +727,7 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
                        k > 0 && n >= 1 && alpha == 1.0f && beta == 0.0f;
   if (product_shaped && m <= MAX_ROWS && n % 8 == 0) packed = is_packed(b, n, k, ldb);
   int small_rows = m <= MAX_ROWS && (m == 1 || (long)m * n * k <= SMALL_PRODUCT || packed);
-  int small_k = !packed && m <= MAX_TILE_ROWS && k <= SMALL_K;
+  int small_k = !packed && m <= ATTENTION_ROWS && k <= SMALL_K;
   if (!(product_shaped && (small_rows || small_k))) {
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -776,9 +792,11 @@ void skinny_gemm_openblas(int m, int n, int k, const float *a, const float *b, f
 void skinny_gemm_reference_only(int on) { reference_only = on; }
 /* softmax(a) b for a (m x k) and b (k x n), its sums from key `first`, as attention's calls
  * get it. */
-void skinny_gemm_softmax_product(int m, int n, int k, int first, const float *a, const float *b,
-                                 float *c) {
+int skinny_gemm_softmax_product(int m, int n, int k, int first, const float *a, const float *b,
+                                float *c) {
+  if (m < 1 || n < 1 || k < 1 || first < 0) return 0;
   softmax_product(m, n, k, first, a, k, b, n, c, n);
+  return 1;
 }
 /* The alpha that asks cblas_sgemm for softmax(A) B with its sums from key `first`
  * (0 <= first < skinny_gemm_softmax_first_limit()). */

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from ragcache.errors import ConfigError
 
 # The longest draft: a verify of more than 33 rows costs more than it saves on CPU, and up to that
-# many query rows attention keeps MLX's own softmax, as decode does (ragcache.attention).
+# many query rows attention takes the path decode takes (ragcache.attention), so a verify row has
+# its decode step's bits.
 MAX_DRAFT = 32
 
 
