@@ -54,6 +54,21 @@ static int next_block(int remaining) {
   return remaining;
 }
 
+/* STEP(R, r) for the rows of a product in groups of four from r = 0, then the one to three
+ * left: R is a constant at every call, so each inlined specialization keeps its 2R FMA chains in
+ * registers. */
+#define BY_FOUR_ROWS(m, STEP)                  \
+  do {                                         \
+    int r_ = 0;                                \
+    for (; r_ + 4 <= (m); r_ += 4) STEP(4, r_); \
+    switch ((m)-r_) {                          \
+      case 3: STEP(3, r_); break;              \
+      case 2: STEP(2, r_); break;              \
+      case 1: STEP(1, r_); break;              \
+      default: break;                          \
+    }                                          \
+  } while (0)
+
 /* Rows j..j+7 of b (n x k, leading dim ldb), inputs k0 .. k0+len-1, transposed into t[len][8]:
  * lane l of t[kk] is b[j+l][k0+kk], so one vector load gives eight outputs' weights for one input.
  * Rows past n read as zeros (their outputs are computed and dropped). */
@@ -136,14 +151,9 @@ static void tile_block(int m, int j0, int j1, int n, int k, const float *a, int 
       transpose_tile(b, ldb, j, n, k0, len, t);
       transpose_tile(b, ldb, j + 8, n, k0, len, t + (size_t)len * 8);
       const float *t1 = t + (size_t)len * 8;
-      int r = 0;
-      for (; r + 4 <= m; r += 4) tile_rows(4, r, k0, len, a, lda, t, t1, o_lo, o_hi);
-      switch (m - r) {
-        case 3: tile_rows(3, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
-        case 2: tile_rows(2, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
-        case 1: tile_rows(1, r, k0, len, a, lda, t, t1, o_lo, o_hi); break;
-        default: break;
-      }
+#define TILE_STEP(R, r) tile_rows(R, r, k0, len, a, lda, t, t1, o_lo, o_hi)
+      BY_FOUR_ROWS(m, TILE_STEP);
+#undef TILE_STEP
       k0 += len;
     }
     int width = n - j < 16 ? n - j : 16;
@@ -258,14 +268,9 @@ static void packed_block(int m, int j0, int j1, int n, int k, const float *a, in
                          const float *pk, float *c, int ldc) {
   for (int j = j0; j < j1; j += 16) {
     const float *block = pk + (size_t)j * k;
-    int r = 0;
-    for (; r + 4 <= m; r += 4) packed_rows(4, r, j, n, k, a, lda, block, c, ldc);
-    switch (m - r) {
-      case 3: packed_rows(3, r, j, n, k, a, lda, block, c, ldc); break;
-      case 2: packed_rows(2, r, j, n, k, a, lda, block, c, ldc); break;
-      case 1: packed_rows(1, r, j, n, k, a, lda, block, c, ldc); break;
-      default: break;
-    }
+#define PACKED_STEP(R, r) packed_rows(R, r, j, n, k, a, lda, block, c, ldc)
+    BY_FOUR_ROWS(m, PACKED_STEP);
+#undef PACKED_STEP
   }
 }
 
