@@ -799,7 +799,7 @@ void skinny_gemm_reference_only(int on) { reference_only = on; }
  * get it. */
 int skinny_gemm_softmax_product(int m, int n, int k, int first, const float *a, const float *b,
                                 float *c) {
-  if (m < 1 || n < 1 || k < 1 || first < 0) return 0;
+  if (m < 1 || n < 1 || k < 1 || first < 0 || first >= k) return 0;
   softmax_product(m, n, k, first, a, k, b, n, c, n);
   return 1;
 }
