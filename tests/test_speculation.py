@@ -346,6 +346,26 @@ def test_cut_back_leaves_a_sliding_window_as_if_the_tokens_were_never_fed(
         assert _window_ids(cache) == kept[-(window - 1) :]
 
 
+def test_a_cut_that_would_leave_a_wrapped_window_short_is_refused() -> None:
+    """After the window has wrapped, a concat step cut back into its own first token would leave
+    mlx-lm's buffer shorter than the window, which its next one-token write cannot handle: the
+    cut is refused before anything changes; one token fewer cut is fine."""
+    for cut, refused in [(3, True), (2, False)]:
+        cache = RotatingKVCache(max_size=5, keep=0)
+        for ids in ([1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12]):
+            x = mx.array(ids, dtype=mx.float32).reshape(1, 1, len(ids), 1)
+            cache.update_and_fetch(x, x)
+        before = cache.offset
+        if refused:
+            with pytest.raises(CannotCutBack, match="less than the window"):
+                cut_back([cache], cut)
+            assert cache.offset == before
+            assert _window_ids(cache) == [9, 10, 11, 12]
+        else:
+            cut_back([cache], cut)
+            assert _window_ids(cache) == [7, 8, 9, 10]
+
+
 def test_a_window_taken_out_of_a_batch_cuts_its_last_token_back() -> None:
     """What the worker does when the last request leaves a batch: its wrapped window, extracted
     from mlx-lm's batched cache after one-token steps, is cut back by the token the batch fed

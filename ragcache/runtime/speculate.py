@@ -187,3 +187,12 @@ def _check_window_cut(c: RotatingKVCache, n: int) -> None:
             f"a sliding-window layer (window {max_size}, at {offset}) no longer holds the "
             f"tokens before the last {n}"
         )
+    # A concat's buffer is sliced to what it keeps, and once the window has wrapped mlx-lm's
+    # next one-token write needs a full window there: it would grow a shorter buffer by
+    # max_size - offset slots (none, or fewer than none) and write outside it or over a kept
+    # token. Only a cut into the step's own first token gets here (a verify never cuts that).
+    if keys.shape[2] > max_size and offset - n >= max_size and idx - n < max_size:
+        raise CannotCutBack(
+            f"a sliding-window layer (window {max_size}, at {offset}) cut by {n} would keep "
+            f"{idx - n} tokens, less than the window its next one-token step needs"
+        )
