@@ -131,22 +131,28 @@ def attention(
     if repeats > 1:
         q = q.reshape(B, n_kv, repeats, L, D)
         k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
-    scores = q @ k.swapaxes(-1, -2)
+    scores = _masked(q @ k.swapaxes(-1, -2), mask, n_kv, repeats, L, S)
+    out = softmax_rows(scores) @ v
+    return out.reshape(B, n_heads, L, values.shape[-1]) if repeats > 1 else out
+
+
+def _masked(scores: mx.array, mask: Any, n_kv: int, repeats: int, L: int, S: int) -> mx.array:
+    """`scores` with mlx-lm's `mask` applied as MLX's fallback applies it: "causal" as a boolean
+    mask; a per-sequence or per-head mask laid out as grouped scores (B, n_kv, repeats, L, S)
+    without a copy; False gives the lowest float, a float mask is added."""
     if isinstance(mask, str):  # "causal": query i sees keys up to its own position
         mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-    elif mask is not None and repeats > 1 and mask.ndim >= 3:  # as MLX's fallback: no copy
+    elif mask is not None and scores.ndim == 5 and mask.ndim >= 3:
         if mask.shape[-3] == 1:
             mask = mx.expand_dims(mask, -3)
         else:
             mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, *mask.shape[-2:])
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
-            scores = mx.where(mask, scores, lowest)
-        else:
-            scores = scores + mask.astype(scores.dtype)
-    out = softmax_rows(scores) @ v
-    return out.reshape(B, n_heads, L, values.shape[-1]) if repeats > 1 else out
+    if mask is None:
+        return scores
+    if mask.dtype == mx.bool_:
+        lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+        return mx.where(mask, scores, lowest)
+    return scores + mask.astype(scores.dtype)
 
 
 def _oldest_key(cache: Any, L: int, S: int) -> int:
@@ -182,20 +188,8 @@ def softmax_product_attention(
     # Rows (repeat, position) of each key head: a reshape, no copy for contiguous queries.
     q = (queries * mx.array(scale, queries.dtype)).reshape(B, n_kv, repeats * L, D)
     scores = q @ keys.swapaxes(-1, -2)
-    if isinstance(mask, str):  # "causal": query i sees keys up to its own position
-        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-    if mask is not None:
-        grouped = scores.reshape(B, n_kv, repeats, L, S)
-        if mask.ndim >= 3:  # per sequence, or per head: laid out as the grouped scores
-            if mask.shape[-3] == 1:
-                mask = mx.expand_dims(mask, -3)
-            else:
-                mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, *mask.shape[-2:])
-        if mask.dtype == mx.bool_:
-            lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
-            grouped = mx.where(mask, grouped, lowest)
-        else:
-            grouped = grouped + mask.astype(scores.dtype)
+    if mask is not None:  # applied to the scores grouped by query head, then back to rows
+        grouped = _masked(scores.reshape(B, n_kv, repeats, L, S), mask, n_kv, repeats, L, S)
         scores = grouped.reshape(B, n_kv, repeats * L, S)
     zero = mx.array(0.0, values.dtype)
     out = mx.addmm(zero, scores, values, alpha=softmax_alpha, beta=0.0)
