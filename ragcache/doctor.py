@@ -36,6 +36,7 @@ class DoctorReport:
     attention: str = ""  # which softmax long attention uses, and why
     decode_attention: str = ""  # what decode steps' attention runs on, and why
     rope: str = ""  # whether nn.RoPE runs from tables of its cos and sin, and why
+    output_screen: str = ""  # whether greedy steps screen the output layer, and why
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
 
@@ -102,6 +103,7 @@ def run_doctor(settings: Settings) -> DoctorReport:
         attention=f"{'fast' if fast else 'mlx'}: {why}",
         decode_attention=f"{'native' if native else 'mlx'}: {native_why}",
         rope=_rope_line(settings),
+        output_screen=_output_screen_line(settings),
     )
     if not status.optimized and sys.platform.startswith("linux"):
         report.problems.append(f"MLX runs on the reference BLAS: {status.reason}")
@@ -136,6 +138,19 @@ def _rope_line(settings: Settings) -> str:
     )
 
 
+def _output_screen_line(settings: Settings) -> str:
+    if not settings.blas.output_screen:
+        return "off: RAGCACHE_OUTPUT_SCREEN=0, greedy steps compute every logit"
+    if skinny_kernel() is None or not blas_status().skinny_gemm:
+        return "off: it runs in the decode kernel, which is off here (see decode gemm)"
+    if not settings.blas.packed_weights:
+        return "off: it needs the packed weights (RAGCACHE_PACKED_WEIGHTS=0 here)"
+    return (
+        "on: greedy one-row steps score the vocabulary from an 8-bit copy of the output layer "
+        "and compute only the words that can be the argmax (ragcache.output_screen)"
+    )
+
+
 def format_report(report: DoctorReport) -> str:
     b = report.blas
     lines = [
@@ -147,6 +162,7 @@ def format_report(report: DoctorReport) -> str:
         f"attention     {report.attention}",
         f"decode attn   {report.decode_attention}",
         f"rope          {report.rope}",
+        f"greedy head   {report.output_screen}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "
         f"({'ready' if report.model_prepared else 'not prepared'})",

@@ -49,6 +49,10 @@ class BlasSettings:
     # Rotary embeddings from tables of their cos and sin, bit for bit MLX's (ragcache/rope_table.py):
     # MLX's CPU rope recomputes them in ~20 small ops per call; off: MLX's rope, unchanged.
     rope_tables: bool = True
+    # Greedy decode steps score the vocabulary from an 8-bit copy of the output layer and compute
+    # exactly only the words that can be the argmax: the same tokens, a quarter of that layer's
+    # bytes read (ragcache/output_screen.py), for that copy's memory; off: every logit computed.
+    output_screen: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
     "RAGCACHE_DECODE_ATTENTION": ("blas", "decode_attention"),
     "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
+    "RAGCACHE_OUTPUT_SCREEN": ("blas", "output_screen"),
     "RAGCACHE_ROPE_TABLES": ("blas", "rope_tables"),
     "RAGCACHE_MODEL": ("model", "name"),
     "RAGCACHE_QUANT": ("model", "quant"),
@@ -172,5 +177,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         packed_weights=environ.get("RAGCACHE_PACKED_WEIGHTS", "1").lower()
         not in {"0", "false", "no", "off"},
         rope_tables=environ.get("RAGCACHE_ROPE_TABLES", "1").lower()
+        not in {"0", "false", "no", "off"},
+        output_screen=environ.get("RAGCACHE_OUTPUT_SCREEN", "1").lower()
         not in {"0", "false", "no", "off"},
     )

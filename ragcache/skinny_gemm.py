@@ -54,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("native") / "skinny_gemm.c"
+# Included by SOURCE: part of what the built library's name hashes.
+INCLUDED = (Path(__file__).with_name("native") / "output_screen.c",)
 # OpenBLAS K blocks (GEMM_Q) and split roundings to try, most likely first (Haswell sgemm: 320,
 # SkylakeX: 448).
 _BLOCKS = (320, 384, 256, 512, 448, 640, 768, 192, 128)
@@ -108,6 +110,12 @@ class SkinnyGemm:
         lib.skinny_gemm_softmax_first_limit.argtypes = []
         lib.skinny_gemm_softmax_first_limit.restype = i
         self.softmax_first_limit = int(lib.skinny_gemm_softmax_first_limit())
+        lib.skinny_gemm_screen.argtypes = [p, i, i, i]
+        lib.skinny_gemm_screen.restype = i
+        lib.skinny_gemm_screen_alpha.argtypes = []
+        lib.skinny_gemm_screen_alpha.restype = ctypes.c_float
+        # The alpha (a NaN) that asks for a greedy step's screened output product.
+        self.screen_alpha = float(lib.skinny_gemm_screen_alpha())
         # The alphas that ask this library's cblas_sgemm for softmax(A) B (NaNs; see the C),
         # by the key their sums start from; extended under the lock (ctypes drops the GIL).
         self._softmax_alphas = [float(lib.skinny_gemm_softmax_alpha(0))]
@@ -136,6 +144,13 @@ class SkinnyGemm:
         unchanged until `unpack`. False: no memory or the table is full (the weight is then
         read as it is)."""
         return int(self._lib.skinny_gemm_pack(ctypes.c_void_p(address), n, k, k)) == 0
+
+    def screen(self, address: int, n: int, k: int) -> bool:
+        """Give the packed weight at `address` (n x k) an 8-bit screen, so that a greedy step's
+        output product (alpha `screen_alpha`) reads it instead of the whole weight
+        (native/output_screen.c); dropped with the packed copy. False: not packed, no memory, or
+        a weight that is not finite."""
+        return int(self._lib.skinny_gemm_screen(ctypes.c_void_p(address), n, k, k)) == 0
 
     def unpack(self, address: int) -> None:
         """Drop the packed copy of the weight at `address`, once no product is reading it."""
@@ -259,8 +274,9 @@ class SkinnyGemm:
     def counters(self) -> dict[str, int]:
         """Calls taken, calls left to OpenBLAS, shapes refused by their first-call check,
         products computed from a packed copy of their weight, and of the products split over
-        two threads, the second halves the helper computed and those the caller took back; and
-        attention's softmax products."""
+        two threads, the second halves the helper computed and those the caller took back;
+        attention's softmax products; and greedy steps' screened output products, those that
+        computed the full product instead, and the 16-word blocks they computed exactly."""
         return {
             "taken": int(self._lib.skinny_gemm_counter(0)),
             "passed": int(self._lib.skinny_gemm_counter(1)),
@@ -269,6 +285,9 @@ class SkinnyGemm:
             "helper_halves": int(self._lib.skinny_gemm_counter(4)),
             "halves_taken_back": int(self._lib.skinny_gemm_counter(5)),
             "softmax_products": int(self._lib.skinny_gemm_counter(6)),
+            "screened": int(self._lib.skinny_gemm_counter(7)),
+            "screen_fallbacks": int(self._lib.skinny_gemm_counter(8)),
+            "screen_blocks": int(self._lib.skinny_gemm_counter(9)),
         }
 
 
@@ -278,7 +297,7 @@ def cpu_supports_kernel(flags: set[str]) -> bool:
 
 def build(home: Path) -> Path:
     """The compiled library for this source, compiled now if missing. Raises OSError/RuntimeError."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED))
     digest = hashlib.sha256(source).hexdigest()[:16]
     out = home / "native" / f"skinny_gemm-{digest}.so"
     if out.exists():

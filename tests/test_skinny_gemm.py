@@ -85,6 +85,7 @@ def test_a_loaded_models_weights_are_packed_and_dropped_with_it(kernel, tmp_path
     import gc
 
     from ragcache.model_loader import load_model
+    from ragcache.output_screen import output_module
     from ragcache.packed_weights import decode_weights
     from tests.tiny_models import LLAMA, build_tiny_model
 
@@ -94,6 +95,9 @@ def test_a_loaded_models_weights_are_packed_and_dropped_with_it(kernel, tmp_path
     layers = model.model.model.layers
     assert len(weights) == 1 + 7 * len(layers)  # the (untied) output layer and each layer's 7
     expected = sum((w.shape[0] + 15) // 16 * 16 * w.shape[1] * 4 for w in weights)
+    # and the output layer's 8-bit screen (ragcache.output_screen): a byte a weight, 2 floats a word
+    n, k = output_module(model.model)["weight"].shape
+    expected += (n + 15) // 16 * 16 * k + 8 * n
     assert kernel.packed_bytes() - before == expected
     hits = kernel.counters()["packed"]
     packed = _decode_logits(model, 12)

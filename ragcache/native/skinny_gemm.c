@@ -182,10 +182,12 @@ static void tile_block(int m, int j0, int j1, int n, int k, const float *a, int 
  * cannot be reused by another array. Readers count themselves in `packed_users` before they read
  * an entry, so unregistering waits for none to hold it before freeing. */
 #define PACKED 4096
+struct screen; /* output_screen.c: a weight's int8 copy for greedy steps */
 typedef struct {
   const float *b;
   int n, k, ldb;
-  float *packed; /* NULL: unregistered */
+  float *packed;         /* NULL: unregistered */
+  struct screen *screen; /* NULL: none; only with `packed`, dropped with it */
 } packed_t;
 static packed_t packed_tab[PACKED];
 static pthread_mutex_t packed_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -198,7 +200,7 @@ static unsigned packed_slot(const float *b) {
 }
 
 /* The entry for weight `b` (n x k, leading dim ldb), or NULL; the caller holds packed_users. */
-static const float *packed_find(const float *b, int n, int k, int ldb) {
+static const packed_t *packed_entry(const float *b, int n, int k, int ldb) {
   unsigned h = packed_slot(b);
   for (int i = 0; i < PACKED; i++) {
     packed_t *e = &packed_tab[(h + i) % PACKED];
@@ -209,11 +211,20 @@ static const float *packed_find(const float *b, int n, int k, int ldb) {
       /* The slot may have been taken for another weight since b was read (b unregistered, its
        * slot reused): that copy is the other weight's. */
       if (!pk || __atomic_load_n(&e->b, __ATOMIC_SEQ_CST) != b) return NULL;
-      return (e->n == n && e->k == k && e->ldb == ldb) ? pk : NULL;
+      return (e->n == n && e->k == k && e->ldb == ldb) ? e : NULL;
     }
   }
   return NULL;
 }
+
+/* The packed copy of weight `b`, or NULL; the caller holds packed_users. */
+static const float *packed_find(const float *b, int n, int k, int ldb) {
+  const packed_t *e = packed_entry(b, n, k, ldb);
+  return e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
+}
+
+static void screen_free(struct screen *s);
+static long screen_size(const struct screen *s);
 
 /* Whether `b` has a packed copy now (a hint: compute() looks again under packed_users). */
 static int is_packed(const float *b, int n, int k, int ldb) {
@@ -438,6 +449,11 @@ int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
     packed_bytes -= (long)(packed_size(slot->n, slot->k) * sizeof(float));
     free(old);
   }
+  if (slot->screen) { /* no reader left (above, or the slot was free) */
+    packed_bytes -= screen_size(slot->screen);
+    screen_free(slot->screen);
+    slot->screen = NULL;
+  }
   /* Taking a free slot: readers check `packed` (NULL until the end) before n, k and ldb. */
   slot->n = n, slot->k = k, slot->ldb = ldb;
   __atomic_store_n(&slot->b, b, __ATOMIC_RELEASE);
@@ -460,6 +476,11 @@ void skinny_gemm_unpack(const float *b) {
       while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
       packed_bytes -= (long)(packed_size(e->n, e->k) * sizeof(float));
       free(old);
+      if (e->screen) {
+        packed_bytes -= screen_size(e->screen);
+        screen_free(e->screen);
+        e->screen = NULL;
+      }
       break;
     }
   }
@@ -482,10 +503,17 @@ typedef struct {
   float *c;
   int softmax; /* 1: rows j0 .. j1-1 of softmax(a) b, else columns j0 .. j1-1 of a b^T */
   int first;   /* softmax: the key its sums start from */
+  const struct screen *screen; /* set: screen scores of columns j0 .. j1-1 (output_screen.c) */
+  double *scores, *lowest;     /* screen: the scores, and each half's largest lower bound */
+  double h_norm;
 } job_t;
 
+static void screen_job(const job_t *w);
+
 static void run_block(const job_t *w) {
-  if (w->softmax) {
+  if (w->screen) {
+    screen_job(w);
+  } else if (w->softmax) {
     if (!softmax_rows_product(w->j0, w->j1, w->n, w->k, w->first, w->a, w->lda, w->b, w->ldb,
                               w->c, w->ldc))
       for (int r = w->j0; r < w->j1; r++) /* no memory for the exponentials: loud, not wrong */
@@ -596,7 +624,7 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const float *pk = packed_find(b, n, k, ldb);
   if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0};
+  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0, NULL, NULL, NULL, 0.0};
   /* Halves a multiple of 16: a packed block (or a tile pair) is not split. */
   run_split(whole, n < 256 ? 0 : ((n / 2) + 15) / 16 * 16);
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
@@ -606,7 +634,7 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
 static void softmax_product(int m, int n, int k, int first, const float *a, int lda,
                             const float *b, int ldb, float *c, int ldc) {
   __atomic_add_fetch(&softmax_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k};
+  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k, NULL, NULL, NULL, 0.0};
   run_split(whole, (long)m * n * k < 32768L ? 0 : (m + 1) / 2);
 }
 
@@ -641,6 +669,8 @@ static int canonical(int m, int n, int k, const float *a, int lda, const float *
   free(tall_a), free(tall_c);
   return 1;
 }
+
+#include "output_screen.c"
 
 /* Shapes seen, with the verdict of their first call: 1 same bits as the reference, 2 not. A
  * shape is k with n's residue mod 64 and whether the weight is read packed (bit 6), so each
@@ -709,6 +739,10 @@ static void record(int n, int k, int verdict) {
 #define SOFTMAX_ALPHA_BITS 0x7FE80000u
 #define SOFTMAX_ALPHA_MASK 0xFFFC0000u
 #define SOFTMAX_FIRST_LIMIT (1 << 18)
+/* Another quiet NaN (payload top bits 1001, no low bits): a greedy step's output product, which
+ * may return -inf for words that cannot be its argmax (output_screen.c). Every other route
+ * computes it as alpha 1. */
+#define SCREEN_ALPHA_BITS 0x7FE40000u
 static int reference_only = 0;
 
 /* The key a softmax call's sums start from, or -1: alpha does not ask for a softmax product. */
@@ -722,6 +756,19 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   int verdict, packed = 0;
   if (!real_sgemm) real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm"); /* never bound */
+  uint32_t alpha_bits;
+  memcpy(&alpha_bits, &alpha, sizeof alpha_bits);
+  if (alpha_bits == SCREEN_ALPHA_BITS) {
+    alpha = 1.0f;
+    /* Screened only where the full product would come from the packed copy with the
+     * reference's bits (its shape's first call checked); else the ordinary route below. */
+    if (enabled && !reference_only && order == RowMajor && ta == NoTrans && tb == Trans &&
+        m == 1 && beta == 0.0f && n % 8 == 0 && lda >= k && ldc >= n &&
+        verdict_for((n & 63) | 64, k) == 1 && screened_product(n, k, a, b, ldb, c)) {
+      __atomic_add_fetch(&calls_taken, 1, __ATOMIC_RELAXED);
+      return;
+    }
+  }
   int first = softmax_first(alpha);
   if (first >= 0 && order == RowMajor && ta == NoTrans && tb == NoTrans && beta == 0.0f &&
       m >= 1 && n >= 1 && k >= 1) {
@@ -813,9 +860,19 @@ float skinny_gemm_softmax_alpha(int first) {
 }
 int skinny_gemm_softmax_first_limit(void) { return SOFTMAX_FIRST_LIMIT; }
 
+/* The alpha that asks cblas_sgemm for a greedy step's screened output product. */
+float skinny_gemm_screen_alpha(void) {
+  float alpha;
+  uint32_t bits = SCREEN_ALPHA_BITS;
+  memcpy(&alpha, &bits, sizeof alpha);
+  return alpha;
+}
+
 /* 0: calls taken, 1: calls passed to OpenBLAS, 2: shapes refused by their first-call check,
  * 3: products computed from a packed copy, 4: second halves the helper computed, 5: second
- * halves the caller took back from a helper that had not started them, 6: softmax products. */
+ * halves the caller took back from a helper that had not started them, 6: softmax products,
+ * 7: screened output products, 8: screened products that computed the full product instead,
+ * 9: 16-word blocks the screened products computed exactly. */
 long skinny_gemm_counter(int which) {
   return which == 0   ? calls_taken
          : which == 1 ? calls_passed
@@ -823,5 +880,8 @@ long skinny_gemm_counter(int which) {
          : which == 3 ? packed_products
          : which == 4 ? helper_halves
          : which == 5 ? halves_taken_back
-                      : softmax_products;
+         : which == 6 ? softmax_products
+         : which == 7 ? screened_products
+         : which == 8 ? screen_fallbacks
+                      : screen_blocks;
 }

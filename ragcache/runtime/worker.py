@@ -31,6 +31,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from ragcache import failpoints
 from ragcache.engine import Engine
 from ragcache.errors import RagcacheError
+from ragcache.output_screen import greedy_steps
 from ragcache.runtime.lookup import LookupSettings
 from ragcache.runtime.sequence import Sequence
 from ragcache.runtime.speculate import (
@@ -421,7 +422,9 @@ class ModelWorker:
             seq.spec.payoff if seq.spec is not None else None,
         )
         self._solo = seq
-        self._solo_tokens(seq, [seq.spec.first(rest)])
+        with greedy_steps():  # speculation is greedy only
+            first = seq.spec.first(rest)
+        self._solo_tokens(seq, [first])
 
     def _solo_step(self) -> None:
         seq = self._solo
@@ -430,7 +433,9 @@ class ModelWorker:
             self._merge_solo()
             return
         left = seq.max_tokens - len(seq.seen)
-        self._solo_tokens(seq, seq.spec.step(left))
+        with greedy_steps():  # speculation is greedy only
+            tokens = seq.spec.step(left)
+        self._solo_tokens(seq, tokens)
 
     def _solo_tokens(self, seq: Sequence, tokens: list[int]) -> None:
         """Hand decoded tokens to the sequence one by one, as the batch would; stop at the
@@ -472,8 +477,11 @@ class ModelWorker:
             return True
         if not self._by_uid:
             return False
+        # The step's logits only pick tokens; greedily for every sequence: screenable.
+        greedy = all(seq.params.temperature == 0 for seq in self._by_uid.values())
         try:
-            _, responses = self._generator().next()
+            with greedy_steps(greedy):
+                _, responses = self._generator().next()
         except BaseException as exc:  # a failed batch step fails its requests, not the worker
             log.exception("batch step failed")
             for seq in list(self._by_uid.values()):
