@@ -97,15 +97,26 @@ class ScreenedEmbedding(nn.Embedding):
         return super().as_linear(x)
 
 
+# mlx-lm model modules whose Model returns the output layer's product unchanged. Others may
+# transform the logits after it (Granite divides them, Cohere scales them, Gemma 2 soft-caps
+# them): the screen's proof of the argmax is in the output layer's own units, so they are left
+# alone.
+UNCHANGED_LOGITS = frozenset(
+    f"mlx_lm.models.{name}" for name in ("llama", "gemma3_text", "qwen2", "qwen3")
+)
+
+
 def output_module(model: nn.Module) -> nn.Module | None:
-    """The module that computes `model`'s logits: an `lm_head` Linear, or the input embedding
-    when the output layer is tied to it (mlx-lm's models call its `as_linear`)."""
-    head = getattr(model, "lm_head", None)
+    """The module that computes `model`'s logits, for models whose logits are its product
+    unchanged (`UNCHANGED_LOGITS`; a multimodal wrapper's language model): an `lm_head` Linear,
+    or the input embedding when the output layer is tied to it (its `as_linear`)."""
+    language: nn.Module = getattr(model, "language_model", None) or model
+    if type(language).__module__ not in UNCHANGED_LOGITS:
+        return None
+    head = getattr(language, "lm_head", None)
     if isinstance(head, nn.Linear):
         return head
-    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
-    inner = getattr(inner, "model", inner)  # multimodal wrappers: model.language_model.model
-    embed = getattr(inner, "embed_tokens", None)
+    embed = getattr(getattr(language, "model", None), "embed_tokens", None)
     return embed if isinstance(embed, nn.Embedding) else None
 
 

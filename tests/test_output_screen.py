@@ -188,3 +188,20 @@ def test_only_greedy_one_row_steps_are_screened(tiny_llama: LoadedModel, kernel)
     with greedy_steps():
         mx.eval(net(mx.array([[8]]), cache=cache))
     assert tried(kernel.counters()) == before + 1
+
+
+def test_a_model_that_transforms_its_logits_is_left_alone(tiny_llama: LoadedModel) -> None:
+    """The proof is in the output layer's units: a model that scales or soft-caps the logits
+    after it (Granite, Cohere, Gemma 2 in mlx-lm) is not screened."""
+    from ragcache.output_screen import output_module
+
+    assert output_module(tiny_llama.model) is not None
+
+    class Scaled(type(tiny_llama.model)):  # type: ignore[misc]
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) / 16.0
+
+    Scaled.__module__ = "mlx_lm.models.granite"
+    other = Scaled.__new__(Scaled)
+    other.__dict__.update(tiny_llama.model.__dict__)
+    assert output_module(other) is None

@@ -131,7 +131,7 @@ static void screen_job(const job_t *w) {
       double score = (double)sums[i - j] * (double)s->scale[i];
       w->scores[i] = score;
       double low = score - w->h_norm * (double)s->bound[i];
-      if (low > lowest) lowest = low; /* a NaN score is caught by the caller */
+      if (low > lowest) lowest = low; /* a score that is not finite: the caller gives up */
     }
   }
   w->lowest[w->j0 == 0 ? 0 : 1] = lowest;
@@ -145,8 +145,8 @@ static int screen_gives_up(void) {
 
 /* c (1 x n) for row a against weight b with its screen: the exact logits of the blocks that can
  * hold the argmax, -inf elsewhere. 0: not proven (c's contents are then undefined). */
-static int screened_row(const packed_t *e, const float *pk, int n, int k, const float *a, float *c) {
-  const screen_t *s = __atomic_load_n(&e->screen, __ATOMIC_SEQ_CST);
+static int screened_row(const screen_t *s, const float *pk, int n, int k, const float *a,
+                        float *c) {
   double h2 = 0.0;
   for (int kk = 0; kk < k; kk++) h2 += (double)a[kk] * a[kk];
   if (!isfinite(h2)) return screen_gives_up();
@@ -163,6 +163,7 @@ static int screened_row(const packed_t *e, const float *pk, int n, int k, const 
   if (!isfinite(low)) return screen_gives_up();
   double margin = 1e-3 * (fabs(low) + 20.0);
   for (int j = 0; j < n; j++) {
+    if (!isfinite(scores[j])) return screen_gives_up(); /* its float sum overflowed */
     if (scores[j] + whole.h_norm * (double)s->bound[j] < low - margin) continue;
     if (taken > 0 && block_of[taken - 1] == j / 16) continue;
     if (taken == limit) return screen_gives_up();
@@ -199,11 +200,13 @@ static int screened_product(int n, int k, const float *a, const float *b, int ld
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const packed_t *e = packed_entry(b, n, k, ldb);
   const float *pk = e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
-  if (!pk || !__atomic_load_n(&e->screen, __ATOMIC_SEQ_CST)) {
+  /* Loaded once: a screen replaced meanwhile stays valid while packed_users is held. */
+  const screen_t *s = pk ? __atomic_load_n(&e->screen, __ATOMIC_SEQ_CST) : NULL;
+  if (!s) {
     __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return 0;
   }
-  if (!screened_row(e, pk, n, k, a, c)) compute(1, n, k, a, k, b, ldb, c, n);
+  if (!screened_row(s, pk, n, k, a, c)) compute(1, n, k, a, k, b, ldb, c, n);
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   return 1;
 }
