@@ -38,6 +38,17 @@ def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return _load_tiny(tmp_path_factory, "gemma", GEMMA)
 
 
+@pytest.fixture()
+def kernel():
+    """The decode kernel (ragcache.skinny_gemm), switched back on after the test."""
+    from ragcache.blas import blas_status, skinny_kernel
+
+    k = skinny_kernel()
+    assert k is not None, blas_status().skinny_gemm_reason
+    yield k
+    k.set_enabled(True)
+
+
 @pytest.fixture(scope="session")
 def home() -> Path:
     from ragcache.settings import load_settings

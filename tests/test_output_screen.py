@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ragcache.blas import blas_status, cpu_flags, skinny_kernel
+from ragcache.blas import cpu_flags
 from ragcache.engine import Engine
 from ragcache.model_loader import LoadedModel
 from ragcache.output_screen import greedy_steps, routes, suspended
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and cpu_supports_kernel(cpu_flags())),
     reason="the kernel is for x86-64 Linux with AVX2 and FMA",
 )
-
-
-@pytest.fixture()
-def kernel():
-    k = skinny_kernel()
-    assert k is not None, blas_status().skinny_gemm_reason
-    return k
 
 
 class Screened:

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture()
-def kernel():
-    k = skinny_kernel()
-    assert k is not None, blas_status().skinny_gemm_reason
-    yield k
-    k.set_enabled(True)
-
-
 def test_active_with_a_found_blocking(kernel) -> None:
     status = blas_status()
     assert status.skinny_gemm, status.skinny_gemm_reason
