@@ -15,12 +15,16 @@ prompt, in one process. Writes benchmarks/results/output_screen.json and output_
   own floor is also reported: `bytes_per_step` (layers, screen copy, the exact blocks) and
   `vs_bytes_read_floor`;
 - per screened step: `screened_share` (steps whose argmax was proven; the rest computed every
-  logit) and `exact_blocks_per_step` (16-word blocks computed exactly).
+  logit) and `exact_blocks_per_step` (16-word blocks computed exactly);
+- `batched`: the same prompts submitted at once to a worker of 4 slots (steps of up to 4 rows,
+  each screened), off, on, on, off: `screen_speedup` of throughput and `identical` answers
+  (`batched_identical` over both models).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,8 +38,9 @@ import mlx.core as mx  # noqa: E402
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.speculative import rag_prompts, read_rates_gbps, weight_bytes  # noqa: E402
 from ragcache.blas import skinny_kernel  # noqa: E402
-from ragcache.engine import Engine  # noqa: E402
+from ragcache.engine import Completion, Engine  # noqa: E402
 from ragcache.output_screen import output_module, routes, suspended  # noqa: E402
+from ragcache.runtime import ModelWorker, WorkerSettings  # noqa: E402
 from ragcache.sampling import SamplingParams  # noqa: E402
 from ragcache.settings import load_settings  # noqa: E402
 
@@ -89,6 +94,36 @@ def decode(loaded: Any, prompts: list[Any], max_tokens: int) -> dict[str, Any]:
     }
 
 
+def batched(loaded: Any, prompts: list[Any], max_tokens: int, batch: int) -> dict[str, Any]:
+    """All prompts submitted at once to a worker of `batch` slots (decode steps of up to `batch`
+    rows, each row screened), screen off and on in the order off, on, on, off: throughput and
+    whether every run gave the same answers."""
+    rate: dict[str, list[float]] = {"off": [], "on": []}
+    answers = []
+    params = SamplingParams(max_tokens=max_tokens, speculation="off")
+    for mode in ("off", "on", "on", "off"):
+        worker = ModelWorker(Engine(loaded), WorkerSettings(max_batch=batch)).start()
+        with suspended() if mode == "off" else contextlib.nullcontext():
+            t = time.perf_counter()
+            tickets = [worker.submit(p, params) for p in prompts]
+            done = [
+                next(e for e in tk.events(timeout=1800) if isinstance(e, Completion))
+                for tk in tickets
+            ]
+            seconds = time.perf_counter() - t
+        worker.stop()
+        rate[mode].append(sum(len(d.tokens) for d in done) / seconds)
+        answers.append([d.tokens for d in done])
+    on, off = sum(rate["on"]), sum(rate["off"])
+    return {
+        "batch": batch,
+        "screen_speedup": round(on / off, 3),
+        "tokens_per_s": round(on / 2, 2),
+        "tokens_per_s_unscreened": round(off / 2, 2),
+        "identical": all(a == answers[0] for a in answers),
+    }
+
+
 def step_bytes(loaded: Any, blocks_per_step: float) -> dict[str, int]:
     """Bytes a screened step reads: every weight but the output layer's, its 8-bit copy (and
     two floats a word), and the blocks computed exactly."""
@@ -138,6 +173,7 @@ def main() -> None:
         loaded, prompts = rag_prompts(name, args.questions, home)
         part = decode(loaded, prompts, args.max_tokens)
         part["bytes_per_step"] = step_bytes(loaded, part["exact_blocks_per_step"])
+        part["batched"] = batched(loaded, prompts, args.max_tokens, 4)
         samples.append(read_rates_gbps())
         result["models"][name] = part
         del loaded
@@ -155,6 +191,7 @@ def main() -> None:
         read_floor = bandwidth * 1e9 / part["bytes_per_step"]["screened_step"]
         part["vs_bytes_read_floor"] = round(part["plain_decode_tps"] / read_floor, 3)
     result["identical_rate"] = min(p["identical_rate"] for p in result["models"].values())
+    result["batched_identical"] = all(p["batched"]["identical"] for p in result["models"].values())
     write_results("output_screen", result)
     plot(result)
     for name, part in result["models"].items():

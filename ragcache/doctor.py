@@ -146,7 +146,7 @@ def _output_screen_line(settings: Settings) -> str:
     if not settings.blas.packed_weights:
         return "off: it needs the packed weights (RAGCACHE_PACKED_WEIGHTS=0 here)"
     return (
-        "on: greedy one-row steps score the vocabulary from an 8-bit copy of the output layer "
+        "on: greedy steps (up to 8 rows) score the vocabulary from an 8-bit copy of the output layer "
         "and compute only the words that can be the argmax (ragcache.output_screen)"
     )
 

@@ -13,7 +13,8 @@ What the logits are then used for decides whether a step may take it: only a gre
 step asks for it in `greedy_steps()` (the worker's batch steps whose sequences are all greedy,
 and its speculative steps), and the output layer of a model `install`ed here then requests the
 screened product (a NaN alpha only this library's `cblas_sgemm` takes, as `ragcache.attention`
-does) for one-row products. Everywhere else (prefill, sampling with a temperature, anything
+does) for products of up to `MAX_ROWS` rows (a decode step, a batch of them, a short
+speculative verify), each row screened on its own while the 8-bit copy is read once. Everywhere else (prefill, sampling with a temperature, anything
 outside the worker) it is MLX's ordinary product. The K/V a step writes does not depend on the
 output layer, so cached KV and the model's cache identity are unaffected.
 """
@@ -28,16 +29,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ragcache.skinny_gemm import SkinnyGemm
+from ragcache.skinny_gemm import MAX_ROWS, SkinnyGemm
 
 _state = threading.local()  # .on: this thread is building a greedy step's graph
 _kernel: SkinnyGemm | None = None
+_suspended = 0  # how many `suspended()` blocks are open, in any thread
 
 
 @contextlib.contextmanager
 def greedy_steps(on: bool = True) -> Iterator[None]:
     """Within this block, this thread's forward passes only pick their next tokens greedily
-    from the logits (nothing reads the logits otherwise): their one-row output products may be
+    from the logits (nothing reads the logits otherwise): their output products of few rows may be
     screened. Nested blocks restore the outer setting."""
     outer = getattr(_state, "on", False)
     _state.on = on
@@ -59,24 +61,21 @@ def suspended() -> Iterator[None]:
         _suspended -= 1
 
 
-_suspended = 0
-
-
 def _screening() -> bool:
     return _kernel is not None and not _suspended and getattr(_state, "on", False)
 
 
 def _screened(x: mx.array, weight: mx.array) -> mx.array | None:
     """`x @ weight.T` as a greedy step's screened product, or None where it does not apply
-    (more than one row: batches and verifies read the weight once for all rows anyway)."""
-    if _kernel is None or x.size != x.shape[-1] or x.dtype != mx.float32:
+    (more rows than the kernel takes: a prefill, a long verify)."""
+    if _kernel is None or x.size > MAX_ROWS * x.shape[-1] or x.dtype != mx.float32:
         return None
     zero = mx.array(0.0, mx.float32)
     return mx.addmm(zero, x, weight.T, alpha=_kernel.screen_alpha, beta=0.0)
 
 
 class ScreenedLinear(nn.Linear):
-    """An output `nn.Linear` whose greedy one-row products are screened."""
+    """An output `nn.Linear` whose greedy products of few rows are screened."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if _screening() and "bias" not in self:
@@ -87,7 +86,7 @@ class ScreenedLinear(nn.Linear):
 
 
 class ScreenedEmbedding(nn.Embedding):
-    """A tied embedding whose `as_linear` (the output layer) screens greedy one-row products."""
+    """A tied embedding whose `as_linear` (the output layer) screens greedy products of few rows."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         if _screening():
@@ -122,7 +121,7 @@ def output_module(model: nn.Module) -> nn.Module | None:
 
 def install(model: nn.Module, kernel: SkinnyGemm) -> bool:
     """Give `model`'s output layer a screen in `kernel` (its weight must already be packed) and
-    route its greedy one-row products there. False: nothing installed (no float32 output layer
+    route its greedy products of few rows there. False: nothing installed (no float32 output layer
     found, or the kernel refused the screen); the model is then unchanged."""
     global _kernel
     module = output_module(model)

@@ -164,23 +164,48 @@ def test_greedy_answers_are_the_same_tokens_screened_or_not(loaded: LoadedModel,
     )
 
 
-def test_only_greedy_one_row_steps_are_screened(tiny_llama: LoadedModel, kernel) -> None:
+def test_only_greedy_steps_of_few_rows_are_screened(tiny_llama: LoadedModel, kernel) -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     net = tiny_llama.model
     cache = make_prompt_cache(net)
     mx.eval(net(mx.array([[1, 2, 3, 4]]), cache=cache))
-    tried = lambda c: c["screened"] + c["screen_fallbacks"]  # noqa: E731
+    tried = lambda c: c["screened"] + c["screen_fallbacks"]  # noqa: E731  (rows)
+    mx.eval(net(mx.array([[5, 6, 7]]), cache=cache))  # not in a greedy step
     before = tried(kernel.counters())
-    mx.eval(net(mx.array([[5]]), cache=cache))  # not in a greedy step
     with greedy_steps():
-        mx.eval(net(mx.array([[5, 6]]), cache=cache))  # two rows: the full product
+        mx.eval(net(mx.array([list(range(10, 19))]), cache=cache))  # 9 rows: the full product
         with greedy_steps(False):
             mx.eval(net(mx.array([[7]]), cache=cache))
     assert tried(kernel.counters()) == before
     with greedy_steps():
         mx.eval(net(mx.array([[8]]), cache=cache))
-    assert tried(kernel.counters()) == before + 1
+        mx.eval(net(mx.array([[9, 10, 11]]), cache=cache))  # a short verify: each row screened
+    assert tried(kernel.counters()) == before + 4
+
+
+def test_each_row_of_a_screened_product_is_its_full_rows_argmax(kernel) -> None:
+    rng = np.random.default_rng(4)
+    n, k = 8192, 80
+    s = Screened(kernel, rng.standard_normal((n, k), dtype=np.float32) * 0.1)
+    alpha = kernel.screen_alpha
+    s.products(rng.standard_normal(k))  # the shape's first call: checked against OpenBLAS
+    before = kernel.counters()["screened"]
+    try:
+        for rows in range(1, 9):
+            x = rng.standard_normal((rows, k)) * (10.0 ** rng.uniform(-1, 2, (rows, 1)))
+            x = mx.array(x.astype(np.float32))
+            full = x @ s.w.T
+            screened = mx.addmm(mx.array(0.0), x, s.w.T, alpha=alpha, beta=0.0)
+            mx.eval(full, screened)
+            f, sc = np.array(full), np.array(screened)
+            exact = np.isfinite(sc)
+            assert np.array_equal(sc[exact], f[exact]), rows  # the full product's bits
+            for r in range(rows):
+                assert greedy_pick(sc[r]) == greedy_pick(f[r]) == int(np.argmax(f[r])), rows
+    finally:
+        s.close()
+    assert kernel.counters()["screened"] - before >= 30  # of the 36 rows: proven, not recomputed
 
 
 def test_a_model_that_transforms_its_logits_is_left_alone(tiny_llama: LoadedModel) -> None:

@@ -89,7 +89,7 @@ def test_a_loaded_models_weights_are_packed_and_dropped_with_it(kernel, tmp_path
     expected = sum((w.shape[0] + 15) // 16 * 16 * w.shape[1] * 4 for w in weights)
     # and the output layer's 8-bit screen (ragcache.output_screen): a byte a weight, 2 floats a word
     n, k = output_module(model.model)["weight"].shape
-    expected += (n + 15) // 16 * 16 * k + 8 * n
+    expected += (n + 15) // 16 * 16 * (k + 8)
     assert kernel.packed_bytes() - before == expected
     hits = kernel.counters()["packed"]
     packed = _decode_logits(model, 12)

@@ -3,10 +3,11 @@
  *
  * Why: a greedy step needs only the argmax of its logits, yet the output layer is the largest
  * weight a step reads (Gemma 3 270M: 671 MB of its 1.07 GB, a 262,144-word vocabulary), and on
- * this machine a decode step is bound by reading weights. Here a step reads an 8-bit copy of the
- * output weight (a quarter of the bytes) to score every word, with a proven bound on how far each score
- * can be from the logit the full product would give; only the 16-word blocks that can hold the
- * argmax are then computed exactly, from the packed copy by the same code as the full product
+ * this machine a decode step is bound by reading weights. Here a greedy step (each of its rows:
+ * up to 8, a batch or a short speculative verify) reads an 8-bit copy of the output weight (a
+ * quarter of the bytes) to score every word, with a proven bound on how far each score can be
+ * from the logit the full product would give; only the 16-word blocks that can hold the argmax
+ * are then computed exactly, from the packed copy by the same code as the full product
  * (packed_rows), so their logits have the full product's bits. Every other logit is returned as
  * -inf: provably below the largest by a margin no rounding of `logits - logsumexp(logits)` can
  * close, so the argmax (mlx-lm's greedy rule, taken on log-probabilities) is the token the full
@@ -26,16 +27,17 @@
 
 typedef struct screen {
   int8_t *q;     /* [block of 16 words][k][16], as the packed copy's layout */
-  float *scale; /* per word */
-  float *bound; /* per word: bound_i above */
+  float *scale; /* per word, 16-word blocks padded: scale 0 */
+  float *bound; /* per word: bound_i above; padding +inf (a lower bound of -inf, never taken) */
   int n, k;
 } screen_t;
 
-static long screened_products = 0, screen_fallbacks = 0, screen_blocks = 0;
+#define SCREEN_ROWS 8 /* rows a screened product takes: decode batches, short verifies */
+static long screened_products = 0, screen_fallbacks = 0, screen_blocks = 0; /* rows, blocks */
 
 static long screen_size(const screen_t *s) {
-  return (long)((size_t)(s->n + 15) / 16 * 16 * (size_t)s->k * sizeof(int8_t) +
-                2 * (size_t)s->n * sizeof(float));
+  size_t words = (size_t)(s->n + 15) / 16 * 16; /* blocks of 16, padded */
+  return (long)(words * (size_t)s->k * sizeof(int8_t) + 2 * words * sizeof(float));
 }
 
 static void screen_free(screen_t *s) {
@@ -56,13 +58,14 @@ static screen_t *screen_build(const float *b, int n, int k, int ldb) {
   int blocks = (n + 15) / 16;
   s->n = n, s->k = k;
   s->q = aligned_alloc(64, ((size_t)blocks * 16 * k * sizeof(int8_t) + 63) / 64 * 64);
-  s->scale = malloc(sizeof(float) * (size_t)n);
-  s->bound = malloc(sizeof(float) * (size_t)n);
+  s->scale = aligned_alloc(64, sizeof(float) * (size_t)blocks * 16);
+  s->bound = aligned_alloc(64, sizeof(float) * (size_t)blocks * 16);
   if (!s->q || !s->scale || !s->bound) {
     screen_free(s);
     return NULL;
   }
   memset(s->q, 0, (size_t)blocks * 16 * k * sizeof(int8_t));
+  for (int i = n; i < blocks * 16; i++) s->scale[i] = 0.0f, s->bound[i] = INFINITY;
   double g = screen_gamma(k);
   for (int i = 0; i < n; i++) {
     const float *row = b + (size_t)i * ldb;
@@ -93,78 +96,97 @@ static screen_t *screen_build(const float *b, int n, int k, int ldb) {
   return s;
 }
 
-/* Screen scores of words j0 .. j1-1 (j0 a multiple of 16) for row a, into w->scores, and the
- * largest lower bound among them into w->lowest[0] (the caller's half) or [1] (the helper's). */
-static void screen_job(const job_t *w) {
+/* Screen scores of words j .. j+15 for rows r0 .. r0+R-1 (R <= 4 a constant where inlined):
+ * the block's int8 weights are converted once for all R rows. One row gets four chains (even and
+ * odd inputs) to keep the FMA units busy, more rows two each; their order is free, the bound
+ * covers any. */
+static inline __attribute__((always_inline)) void screen_rows(const int R, int r0, int j,
+                                                              const job_t *w, double *lowest) {
   const screen_t *s = w->screen;
   const int k = s->k;
-  double lowest = -INFINITY;
-  for (int j = w->j0; j < w->j1; j += 16) {
-    const int8_t *p = s->q + (size_t)j * k;
-    /* Four chains (even and odd inputs, low and high eight words): their order is free, the
-     * bound covers any. */
-    __m256 e_lo = _mm256_setzero_ps(), e_hi = e_lo, o_lo = e_lo, o_hi = e_lo;
-#define SCREEN_FMA(row, x, lo, hi)                                                         \
-  do {                                                                                     \
-    lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(row)), x, lo);            \
-    hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(row, 8))), \
-                         x, hi);                                                           \
+  const int8_t *p = s->q + (size_t)j * k;
+  __m256 lo[4][2], hi[4][2];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < 2; t++) lo[r][t] = hi[r][t] = _mm256_setzero_ps();
+#define SCREEN_INPUT(kk, t)                                                                  \
+  do {                                                                                       \
+    __m128i q = _mm_load_si128((const __m128i *)p);                                          \
+    __m256 w_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));                               \
+    __m256 w_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));            \
+    for (int r = 0; r < R; r++) {                                                            \
+      __m256 x = _mm256_broadcast_ss(w->a + (size_t)(r0 + r) * w->lda + (kk));               \
+      lo[r][t] = _mm256_fmadd_ps(w_lo, x, lo[r][t]);                                         \
+      hi[r][t] = _mm256_fmadd_ps(w_hi, x, hi[r][t]);                                         \
+    }                                                                                        \
+    p += 16;                                                                                 \
   } while (0)
-    int kk = 0;
-    for (; kk + 2 <= k; kk += 2, p += 32) {
-      __m128i w0 = _mm_load_si128((const __m128i *)p), w1 = _mm_load_si128((const __m128i *)(p + 16));
-      __m256 x0 = _mm256_broadcast_ss(w->a + kk), x1 = _mm256_broadcast_ss(w->a + kk + 1);
-      SCREEN_FMA(w0, x0, e_lo, e_hi);
-      SCREEN_FMA(w1, x1, o_lo, o_hi);
+  int kk = 0;
+  if (R == 1)
+    for (; kk + 2 <= k; kk += 2) {
+      SCREEN_INPUT(kk, 0);
+      SCREEN_INPUT(kk + 1, 1);
     }
-    if (kk < k) {
-      __m128i w0 = _mm_load_si128((const __m128i *)p);
-      __m256 x0 = _mm256_broadcast_ss(w->a + kk);
-      SCREEN_FMA(w0, x0, e_lo, e_hi);
+  for (; kk < k; kk++) SCREEN_INPUT(kk, 0);
+#undef SCREEN_INPUT
+  /* Each word's upper bound (score + |h| bound) into the row's scores, the largest lower bound
+   * (score - |h| bound) into lowest; a score that is not finite makes lowest +inf (the caller
+   * gives up on that row). The scores' product with the scale is exact in double, the bound's
+   * rounding there is covered by its slack. */
+  for (int r = 0; r < R; r++) {
+    __m256 sum[2] = {_mm256_add_ps(lo[r][0], lo[r][1]), _mm256_add_ps(hi[r][0], hi[r][1])};
+    __m256 bad = _mm256_or_ps(_mm256_cmp_ps(_mm256_sub_ps(sum[0], sum[0]), sum[0], _CMP_UNORD_Q),
+                              _mm256_cmp_ps(_mm256_sub_ps(sum[1], sum[1]), sum[1], _CMP_UNORD_Q));
+    if (_mm256_movemask_ps(bad)) {
+      lowest[r0 + r] = INFINITY;
+      continue;
     }
-#undef SCREEN_FMA
-    float sums[16];
-    _mm256_storeu_ps(sums, _mm256_add_ps(e_lo, o_lo));
-    _mm256_storeu_ps(sums + 8, _mm256_add_ps(e_hi, o_hi));
-    int last = j + 16 < s->n ? j + 16 : s->n;
-    for (int i = j; i < last; i++) {
-      double score = (double)sums[i - j] * (double)s->scale[i];
-      w->scores[i] = score;
-      double low = score - w->h_norm * (double)s->bound[i];
-      if (low > lowest) lowest = low; /* a score that is not finite: the caller gives up */
+    double *upper = w->scores + (size_t)(r0 + r) * ((s->n + 15) / 16 * 16) + j;
+    __m256d h_norm = _mm256_set1_pd(w->h_norms[r0 + r]), most = _mm256_set1_pd(-INFINITY);
+    for (int g = 0; g < 4; g++) { /* 4 words at a time; the last block's padding is written too */
+      __m128 part =
+          g % 2 ? _mm256_extractf128_ps(sum[g / 2], 1) : _mm256_castps256_ps128(sum[g / 2]);
+      __m256d score = _mm256_mul_pd(_mm256_cvtps_pd(part),
+                                    _mm256_cvtps_pd(_mm_load_ps(s->scale + j + 4 * g)));
+      __m256d reach = _mm256_mul_pd(h_norm, _mm256_cvtps_pd(_mm_load_ps(s->bound + j + 4 * g)));
+      _mm256_store_pd(upper + 4 * g, _mm256_add_pd(score, reach));
+      most = _mm256_max_pd(most, _mm256_sub_pd(score, reach));
     }
+    double lows[4];
+    _mm256_storeu_pd(lows, most);
+    for (int g = 0; g < 4; g++)
+      if (lows[g] > lowest[r0 + r]) lowest[r0 + r] = lows[g];
   }
-  w->lowest[w->j0 == 0 ? 0 : 1] = lowest;
 }
 
-/* Why a screened step was not taken: the caller then computes the full product. */
+/* Upper bounds of words j0 .. j1-1 (j0 a multiple of 16) for every row, into w->scores (n
+ * rounded up to 16 a row), and each row's largest lower bound among them into w->lowest: the
+ * caller's half at [0, SCREEN_ROWS), the helper's at [SCREEN_ROWS, 2 SCREEN_ROWS). Rows past the
+ * first four read the block again from cache, not memory. */
+static void screen_job(const job_t *w) {
+  double *lowest = w->lowest + (w->j0 == 0 ? 0 : SCREEN_ROWS);
+  for (int r = 0; r < w->m; r++) lowest[r] = -INFINITY;
+  for (int j = w->j0; j < w->j1; j += 16) {
+#define SCREEN_STEP(R, r) screen_rows(R, r, j, w, lowest)
+    BY_FOUR_ROWS(w->m, SCREEN_STEP);
+#undef SCREEN_STEP
+  }
+}
+
+/* Why a screened row was not taken: the caller then computes its full product. */
 static int screen_gives_up(void) {
   __atomic_add_fetch(&screen_fallbacks, 1, __ATOMIC_RELAXED);
   return 0;
 }
 
-/* c (1 x n) for row a against weight b with its screen: the exact logits of the blocks that can
+/* Row c of the product from its words' upper bounds: the exact logits of the blocks that can
  * hold the argmax, -inf elsewhere. 0: not proven (c's contents are then undefined). */
-static int screened_row(const screen_t *s, const float *pk, int n, int k, const float *a,
-                        float *c) {
-  double h2 = 0.0;
-  for (int kk = 0; kk < k; kk++) h2 += (double)a[kk] * a[kk];
-  if (!isfinite(h2)) return screen_gives_up();
-  int blocks = (n + 15) / 16, limit = blocks / 16 + 1, taken = 0;
-  /* The scores, then the blocks taken (as ints). */
-  double *scores = (double *)scratch_for((size_t)n * 2 + (size_t)limit + 1);
-  if (!scores) return screen_gives_up();
-  int *block_of = (int *)(scores + n);
-  double lowest[2] = {-INFINITY, -INFINITY};
-  job_t whole = {1, 0, n, n, k, k, k, n, a, NULL, NULL, NULL, 0, 0, s, scores, lowest,
-                 sqrt(h2) * (1.0 + 1e-12)};
-  run_split(whole, n < 4096 ? 0 : ((n / 2) + 15) / 16 * 16);
-  double low = lowest[0] > lowest[1] ? lowest[0] : lowest[1];
+static int screened_row(const float *pk, int n, int k, const float *a, const double *upper,
+                        double low, int *block_of, float *c) {
+  int taken = 0, limit = (n + 15) / 16 / 16 + 1;
   if (!isfinite(low)) return screen_gives_up();
   double margin = 1e-3 * (fabs(low) + 20.0);
   for (int j = 0; j < n; j++) {
-    if (!isfinite(scores[j])) return screen_gives_up(); /* its float sum overflowed */
-    if (scores[j] + whole.h_norm * (double)s->bound[j] < low - margin) continue;
+    if (upper[j] < low - margin) continue;
     if (taken > 0 && block_of[taken - 1] == j / 16) continue;
     if (taken == limit) return screen_gives_up();
     block_of[taken++] = j / 16;
@@ -194,9 +216,11 @@ static int screened_row(const screen_t *s, const float *pk, int n, int k, const 
   return 1;
 }
 
-/* A greedy step's output product (one row, weight b packed and screened): the screened row, or
- * the full product where it is not proven. 0: b has no screen (nothing written). */
-static int screened_product(int n, int k, const float *a, const float *b, int ldb, float *c) {
+/* A greedy step's output product (m <= SCREEN_ROWS rows, weight b packed and screened): each
+ * row screened, or its full product where that is not proven (a row has the same bits computed
+ * alone or with others). 0: b has no screen (nothing written). */
+static int screened_product(int m, int n, int k, const float *a, int lda, const float *b,
+                            int ldb, float *c, int ldc) {
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const packed_t *e = packed_entry(b, n, k, ldb);
   const float *pk = e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
@@ -206,7 +230,33 @@ static int screened_product(int n, int k, const float *a, const float *b, int ld
     __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
     return 0;
   }
-  if (!screened_row(s, pk, n, k, a, c)) compute(1, n, k, a, k, b, ldb, c, n);
+  double h_norms[SCREEN_ROWS], lowest[2 * SCREEN_ROWS];
+  int finite = 1;
+  for (int r = 0; r < m; r++) {
+    double h2 = 0.0;
+    for (int kk = 0; kk < k; kk++) h2 += (double)a[(size_t)r * lda + kk] * a[(size_t)r * lda + kk];
+    finite &= isfinite(h2);
+    h_norms[r] = sqrt(h2) * (1.0 + 1e-12);
+  }
+  /* The upper bounds (n rounded up to 16 a row), then the blocks a row takes (as ints). */
+  size_t stride = (size_t)(n + 15) / 16 * 16;
+  double *scores = finite ? (double *)scratch_for(stride * 2 * m + n / 16 + 2) : NULL;
+  if (!scores) {
+    for (int r = 0; r < m; r++) screen_gives_up();
+    compute(m, n, k, a, lda, b, ldb, c, ldc);
+  } else {
+    job_t whole = {m, 0, n, n, k, lda, k, n, a, NULL, NULL, NULL, 0, 0, s, scores, lowest, h_norms};
+    for (int r = 0; r < m; r++) lowest[SCREEN_ROWS + r] = -INFINITY; /* a half not split off */
+    run_split(whole, n < 4096 ? 0 : ((n / 2) + 15) / 16 * 16);
+    int *block_of = (int *)(scores + stride * m);
+    for (int r = 0; r < m; r++) {
+      double low = lowest[r] > lowest[SCREEN_ROWS + r] ? lowest[r] : lowest[SCREEN_ROWS + r];
+      const float *row = a + (size_t)r * lda;
+      float *out = c + (size_t)r * ldc;
+      if (!screened_row(pk, n, k, row, scores + stride * r, low, block_of, out))
+        compute(1, n, k, row, lda, b, ldb, out, ldc);
+    }
+  }
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   return 1;
 }

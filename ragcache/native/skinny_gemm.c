@@ -504,8 +504,8 @@ typedef struct {
   int softmax; /* 1: rows j0 .. j1-1 of softmax(a) b, else columns j0 .. j1-1 of a b^T */
   int first;   /* softmax: the key its sums start from */
   const struct screen *screen; /* set: screen scores of columns j0 .. j1-1 (output_screen.c) */
-  double *scores, *lowest;     /* screen: the scores, and each half's largest lower bound */
-  double h_norm;
+  double *scores, *lowest;     /* screen: the scores, and each half's largest lower bounds */
+  const double *h_norms;       /* screen: each row's norm */
 } job_t;
 
 static void screen_job(const job_t *w);
@@ -624,7 +624,7 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const float *pk = packed_find(b, n, k, ldb);
   if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0, NULL, NULL, NULL, 0.0};
+  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0, NULL, NULL, NULL, NULL};
   /* Halves a multiple of 16: a packed block (or a tile pair) is not split. */
   run_split(whole, n < 256 ? 0 : ((n / 2) + 15) / 16 * 16);
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
@@ -634,7 +634,7 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
 static void softmax_product(int m, int n, int k, int first, const float *a, int lda,
                             const float *b, int ldb, float *c, int ldc) {
   __atomic_add_fetch(&softmax_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k, NULL, NULL, NULL, 0.0};
+  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k, NULL, NULL, NULL, NULL};
   run_split(whole, (long)m * n * k < 32768L ? 0 : (m + 1) / 2);
 }
 
@@ -763,8 +763,8 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
     /* Screened only where the full product would come from the packed copy with the
      * reference's bits (its shape's first call checked); else the ordinary route below. */
     if (enabled && !reference_only && order == RowMajor && ta == NoTrans && tb == Trans &&
-        m == 1 && beta == 0.0f && n % 8 == 0 && lda >= k && ldc >= n &&
-        verdict_for((n & 63) | 64, k) == 1 && screened_product(n, k, a, b, ldb, c)) {
+        m >= 1 && m <= SCREEN_ROWS && beta == 0.0f && n % 8 == 0 && lda >= k && ldc >= n &&
+        verdict_for((n & 63) | 64, k) == 1 && screened_product(m, n, k, a, lda, b, ldb, c, ldc)) {
       __atomic_add_fetch(&calls_taken, 1, __ATOMIC_RELAXED);
       return;
     }
