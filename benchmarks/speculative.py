@@ -21,8 +21,9 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
 - `decode_step_parts_ms`: one decode step taken apart (output layer, the layers under it, the
   greedy pick and its read-back): kernel off (with MLX's attention), kernel on reading the
   weights row-major, kernel on reading them packed (the default, ragcache.packed_weights), and
-  that with MLX's own rope instead of ragcache.rope_table's (`rope_mlx`) or with MLX's attention
-  instead of the kernel's softmax product (`attention_mlx`); `step_screened` and
+  that with MLX's own rope instead of ragcache.rope_table's (`rope_mlx`), MLX's own norms instead
+  of ragcache.compiled_norm's (`norms_mlx`) or with MLX's attention instead of the kernel's
+  softmax product (`attention_mlx`); `step_screened` and
   `output_layer_screened`: the same as a greedy step of the worker takes them, the output layer
   screened (ragcache.output_screen; the plain and speculative runs above take it too);
 - `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
@@ -53,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.quality import build_store  # noqa: E402
-from ragcache import attention  # noqa: E402
+from ragcache import attention, compiled_norm  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
 from ragcache.blas import skinny_kernel  # noqa: E402
 from ragcache.datasets import load_dataset  # noqa: E402
@@ -146,8 +147,9 @@ def without_kernel(products: bool = True) -> Iterator[None]:
 
 def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
     """One plain decode step at a 600-token context, taken apart, with the decode kernel off
-    and on, and on with MLX's attention (`attention_mlx`) or MLX's own rope (`rope_mlx`, instead
-    of ragcache.rope_table's) instead of ragcache's: the whole
+    and on, and on with MLX's attention (`attention_mlx`), MLX's own rope (`rope_mlx`, instead
+    of ragcache.rope_table's) or MLX's own norms (`norms_mlx`, instead of ragcache.compiled_norm's)
+    instead of ragcache's: the whole
     step (forward, greedy pick, read-back of the token), the output layer alone, the layers
     under it alone, and the pick with its read-back. A single sequence's cache (int offsets);
     served decode goes through batch caches (array offsets), timed by `alone` below."""
@@ -224,6 +226,16 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
         finally:
             for m in routed:
                 m.__class__ = TableRoPE
+    compiled = {v: k for k, v in compiled_norm.COMPILED.items()}
+    norms = {m: type(m) for m in net.modules() if type(m) in compiled}
+    if norms:  # the same step with MLX's own norms (ragcache.compiled_norm off)
+        for m, cls in norms.items():
+            m.__class__ = compiled[cls]
+        try:
+            out["norms_mlx"] = measure()
+        finally:
+            for m, cls in norms.items():
+                m.__class__ = cls
     return out
 
 

@@ -37,6 +37,7 @@ class DoctorReport:
     decode_attention: str = ""  # what decode steps' attention runs on, and why
     rope: str = ""  # whether nn.RoPE runs from tables of its cos and sin, and why
     output_screen: str = ""  # whether greedy steps screen the output layer, and why
+    norms: str = ""  # whether small RMS norms run as one compiled call, and why
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
 
@@ -104,6 +105,7 @@ def run_doctor(settings: Settings) -> DoctorReport:
         decode_attention=f"{'native' if native else 'mlx'}: {native_why}",
         rope=_rope_line(settings),
         output_screen=_output_screen_line(settings),
+        norms=_norms_line(settings),
     )
     if not status.optimized and sys.platform.startswith("linux"):
         report.problems.append(f"MLX runs on the reference BLAS: {status.reason}")
@@ -138,6 +140,19 @@ def _rope_line(settings: Settings) -> str:
     )
 
 
+def _norms_line(settings: Settings) -> str:
+    import mlx.core as mx
+
+    if not settings.blas.compiled_norms:
+        return "mlx: RAGCACHE_COMPILED_NORMS=0"
+    if mx.default_device().type != mx.cpu:
+        return "mlx: not on the CPU, MLX's own norm kernel is used"
+    return (
+        "compiled: decode steps' RMS norms in one fused call, for models whose bits it reproduces "
+        "on a check at load (ragcache.compiled_norm)"
+    )
+
+
 def _output_screen_line(settings: Settings) -> str:
     if not settings.blas.output_screen:
         return "off: RAGCACHE_OUTPUT_SCREEN=0, greedy steps compute every logit"
@@ -162,6 +177,7 @@ def format_report(report: DoctorReport) -> str:
         f"attention     {report.attention}",
         f"decode attn   {report.decode_attention}",
         f"rope          {report.rope}",
+        f"norms         {report.norms}",
         f"greedy head   {report.output_screen}",
         f"gemm          {report.gemm_gflops} GFLOP/s float32 (1024^3)",
         f"model         {report.model} [{report.model_quantization}] at {report.model_path} "

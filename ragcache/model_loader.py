@@ -92,7 +92,7 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     such as the HTTP front of Ray Serve replicas."""
     from mlx_lm import load
 
-    from ragcache import attention, output_screen, rope_table
+    from ragcache import attention, compiled_norm, output_screen, rope_table
     from ragcache.blas import skinny_kernel
     from ragcache.packed_weights import pack_model
     from ragcache.settings import read_blas_settings
@@ -118,6 +118,8 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
     )
     if blas.rope_tables and not lazy:
         rope_table.install(model, context_length)  # same bits, so the identity does not change
+    if blas.compiled_norms and not lazy:
+        compiled_norm.install(model)  # same bits, so the identity does not change
     if kernel is not None and not lazy and blas.packed_weights:
         pack_model(model, kernel)  # same bits, so the identity does not change
         if blas.output_screen:  # the same greedy tokens; K/V never depends on it

@@ -53,6 +53,9 @@ class BlasSettings:
     # exactly only the words that can be the argmax: the same tokens, a quarter of that layer's
     # bytes read (ragcache/output_screen.py), for that copy's memory; off: every logit computed.
     output_screen: bool = True
+    # RMS norms of decode steps, batches and verifies as one compiled MLX call, bit for bit
+    # MLX's eleven-node fallback (ragcache/compiled_norm.py); off: MLX's norm, unchanged.
+    compiled_norms: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
     "RAGCACHE_OUTPUT_SCREEN": ("blas", "output_screen"),
     "RAGCACHE_ROPE_TABLES": ("blas", "rope_tables"),
+    "RAGCACHE_COMPILED_NORMS": ("blas", "compiled_norms"),
     "RAGCACHE_MODEL": ("model", "name"),
     "RAGCACHE_QUANT": ("model", "quant"),
     "RAGCACHE_PREFILL_STEP_SIZE": ("generation", "prefill_step_size"),
@@ -179,5 +183,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         rope_tables=environ.get("RAGCACHE_ROPE_TABLES", "1").lower()
         not in {"0", "false", "no", "off"},
         output_screen=environ.get("RAGCACHE_OUTPUT_SCREEN", "1").lower()
+        not in {"0", "false", "no", "off"},
+        compiled_norms=environ.get("RAGCACHE_COMPILED_NORMS", "1").lower()
         not in {"0", "false", "no", "off"},
     )
