@@ -227,14 +227,14 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
             for m in routed:
                 m.__class__ = TableRoPE
     compiled = {v: k for k, v in compiled_norm.COMPILED.items()}
-    norms = {m: type(m) for m in net.modules() if type(m) in compiled}
+    norms = [(m, type(m)) for m in net.modules() if type(m) in compiled]  # modules: unhashable
     if norms:  # the same step with MLX's own norms (ragcache.compiled_norm off)
-        for m, cls in norms.items():
+        for m, cls in norms:
             m.__class__ = compiled[cls]
         try:
             out["norms_mlx"] = measure()
         finally:
-            for m, cls in norms.items():
+            for m, cls in norms:
                 m.__class__ = cls
     return out
 
