@@ -143,10 +143,14 @@ def _rope_line(settings: Settings) -> str:
 def _norms_line(settings: Settings) -> str:
     import mlx.core as mx
 
+    from ragcache import compiled_norm
+
     if not settings.blas.compiled_norms:
         return "mlx: RAGCACHE_COMPILED_NORMS=0"
     if mx.default_device().type != mx.cpu:
         return "mlx: not on the CPU, MLX's own norm kernel is used"
+    if not compiled_norm.compiler_available():
+        return "mlx: no g++ here, so MLX cannot fuse a compiled norm (install g++)"
     return (
         "compiled: decode steps' RMS norms in one fused call, for models whose bits it reproduces "
         "on a check at load (ragcache.compiled_norm)"

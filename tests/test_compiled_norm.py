@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,11 +18,13 @@ from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import make_prompt_cache
 
 from ragcache import compiled_norm
-from ragcache.model_loader import LoadedModel
+from ragcache.model_loader import LoadedModel, load_model
 from ragcache.runtime.lookup import MAX_DRAFT
+from tests.tiny_models import LLAMA, build_tiny_model
 
 pytestmark = pytest.mark.skipif(
-    mx.default_device().type != mx.cpu, reason="routed on CPU only (elsewhere MLX has a kernel)"
+    mx.default_device().type != mx.cpu or not compiled_norm.compiler_available(),
+    reason="routed on CPU only (elsewhere MLX has a kernel), where MLX's compiler (g++) is",
 )
 
 
@@ -28,25 +33,30 @@ def _bits(x: mx.array) -> np.ndarray:
 
 
 def _routed(model: nn.Module) -> list[nn.Module]:
-    compiled = set(compiled_norm.COMPILED.values())
+    compiled = {target for target, _ in compiled_norm.ROUTES.values()}
     return [m for m in model.modules() if type(m) in compiled]
 
 
-def _same_bits_routed_or_not(model: nn.Module, run) -> bool:  # type: ignore[no-untyped-def]
-    """Whether `run()` gives the same arrays with the model's norms compiled and with MLX's own
-    (the modules are routed again after)."""
-    routed = {id(m): type(m) for m in _routed(model)}
+@contextlib.contextmanager
+def _unrouted(routed: list[nn.Module]) -> Iterator[None]:
+    """The routed modules back on their original class (MLX's norm), routed again after."""
+    classes = [type(m) for m in routed]
+    for m in routed:
+        m.__class__ = type(m).__mro__[1]
+    try:
+        yield
+    finally:
+        for m, cls in zip(routed, classes, strict=True):
+            m.__class__ = cls
+
+
+def _same_bits_routed_or_not(model: nn.Module, run: Callable[[], list[np.ndarray]]) -> bool:
+    """Whether `run()` gives the same arrays with the model's norms compiled and with MLX's own."""
+    routed = _routed(model)
     assert routed
     fast = run()
-    for m in model.modules():
-        if id(m) in routed:
-            m.__class__ = type(m).__mro__[1]
-    try:
+    with _unrouted(routed):
         plain = run()
-    finally:
-        for m in model.modules():
-            if id(m) in routed:
-                m.__class__ = routed[id(m)]
     return all(np.array_equal(a, b) for a, b in zip(fast, plain, strict=True))
 
 
@@ -56,6 +66,7 @@ def _same_bits_routed_or_not(model: nn.Module, run) -> bool:  # type: ignore[no-
     eps=st.sampled_from([1e-5, 1e-6]),
     rows=st.sampled_from([(1, 1), (4, 1), (8, 1), (1, 33), (2, 7), (1, 64)]),
     per_head=st.booleans(),
+    transposed=st.booleans(),
     gemma=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 50.0]),
     seed=st.integers(0, 2**16),
@@ -65,21 +76,25 @@ def test_same_bits_as_mlx_norm(
     eps: float,
     rows: tuple[int, int],
     per_head: bool,
+    transposed: bool,
     gemma: bool,
     scale: float,
     seed: int,
 ) -> None:
     """Any width, eps, scale of input, a decode step, a batch of them, a verify, per-head
-    (4-D) inputs, mlx's norm and Gemma's `1 + weight` one: the compiled call gives MLX's bits."""
-    key = mx.random.key(seed)
+    (4-D) inputs and their transposed views (attention's per-head norms get those), mlx's norm
+    and Gemma's `1 + weight` one: the compiled call gives MLX's bits."""
     norm = gemma3_text.RMSNorm(width, eps) if gemma else nn.RMSNorm(width, eps)
     norm.weight = mx.random.normal((width,), key=mx.random.key(seed + 1))
     plain = gemma3_text.RMSNorm(width, eps) if gemma else nn.RMSNorm(width, eps)
     plain.weight = norm.weight
     assert compiled_norm.install(norm) == 1
     heads = 3 if per_head and 3 * rows[0] * rows[1] <= compiled_norm.MAX_ROWS else 0
-    shape = (rows[0], heads, rows[1], width) if heads else (*rows, width)
-    x = mx.random.normal(shape, key=key) * scale
+    shape = (rows[0], rows[1], heads, width) if heads else (*rows, width)
+    x = mx.random.normal(shape, key=mx.random.key(seed)) * scale
+    if heads and transposed:
+        x = x.transpose(0, 2, 1, 3)
+    assert compiled_norm._small(x)
     assert np.array_equal(_bits(norm(x)), _bits(plain(x)))
 
 
@@ -92,7 +107,7 @@ def test_a_loaded_models_norms_are_compiled_and_its_logits_keep_their_bits(
     bit for bit, compiled or not."""
     loaded: LoadedModel = request.getfixturevalue(which)
     model = loaded.model
-    originals = [m for m in model.modules() if type(m) in compiled_norm.COMPILED]
+    originals = [m for m in model.modules() if type(m) in compiled_norm.ROUTES]
     assert not originals, "the loader left a norm uncompiled"
 
     def logits() -> list[np.ndarray]:
@@ -109,7 +124,7 @@ def test_a_loaded_models_norms_are_compiled_and_its_logits_keep_their_bits(
 def test_a_decode_step_has_fewer_graph_nodes(tiny_llama: LoadedModel) -> None:
     """What it is for: a norm is three nodes instead of eleven."""
     model = tiny_llama.model
-    norms = len(_routed(model))
+    routed = _routed(model)
 
     def nodes() -> int:
         cache = make_prompt_cache(model)
@@ -120,34 +135,35 @@ def test_a_decode_step_has_fewer_graph_nodes(tiny_llama: LoadedModel) -> None:
         return len(re.findall(r'label ="', out.getvalue()))
 
     compiled = nodes()
-    routed = {id(m): type(m) for m in _routed(model)}
-    for m in model.modules():
-        if id(m) in routed:
-            m.__class__ = type(m).__mro__[1]
-    try:
+    with _unrouted(routed):
         plain = nodes()
-    finally:
-        for m in model.modules():
-            if id(m) in routed:
-                m.__class__ = routed[id(m)]
-    assert plain - compiled >= 6 * norms
+    assert plain - compiled >= 6 * len(routed)
 
 
-def test_prefill_steps_and_other_dtypes_keep_mlxs_call() -> None:
-    """More rows than a verify takes, or not float32: MLX's own norm (no compiled entry per
-    prefill length), with its bits."""
-    norm, plain = nn.RMSNorm(32), nn.RMSNorm(32)
+def test_prefill_steps_and_other_dtypes_keep_mlxs_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than `MAX_ROWS` (heads count), or not float32: MLX's own norm (no compiled
+    entry per prefill length)."""
+    norm = nn.RMSNorm(32)
     compiled_norm.install(norm)
     assert type(norm) is compiled_norm.CompiledRMSNorm
+
+    def refuse(module: nn.Module, x: mx.array) -> mx.array:
+        raise AssertionError("took the compiled call")
+
+    monkeypatch.setattr(compiled_norm, "_fused_plain", refuse)
     prefill = mx.random.normal((1, compiled_norm.MAX_ROWS + 1, 32))
+    many_heads = mx.random.normal((1, 5, 13, 32))  # 65 rows
     half = mx.random.normal((1, 2, 32)).astype(mx.float16)
-    for x in (prefill, half):
-        assert not compiled_norm._small(x)
-        assert np.array_equal(np.array(norm(x)), np.array(plain(x)))
+    for x in (prefill, many_heads, half):
+        mx.eval(norm(x))
+    with pytest.raises(AssertionError, match="compiled call"):
+        norm(mx.random.normal((1, 1, 32)))
 
 
-def test_a_speculative_verify_fits_the_compiled_rows() -> None:
-    assert 1 + MAX_DRAFT <= compiled_norm.MAX_ROWS
+def test_a_verify_of_the_longest_draft_takes_the_compiled_call(tiny_llama: LoadedModel) -> None:
+    """A sequence's verify normalizes 1 + MAX_DRAFT rows."""
+    x = mx.random.normal((1, 1 + MAX_DRAFT, tiny_llama.model.args.hidden_size))
+    assert compiled_norm._small(x)
 
 
 def test_other_norm_classes_are_left_alone() -> None:
@@ -169,15 +185,40 @@ def test_other_norm_classes_are_left_alone() -> None:
     assert type(model.mine) is MyNorm and type(model.layer) is nn.LayerNorm
 
 
-def test_a_configuration_whose_bits_differ_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_norm_with_more_state_is_left_alone() -> None:
+    """A norm holding anything besides its weight (a bias a later version might add) is not
+    the call the compiled function reproduces."""
+    norm = nn.RMSNorm(16)
+    norm.bias = mx.zeros((16,))
+    assert compiled_norm.install(norm) == 0
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_a_configuration_whose_bits_differ_is_left_alone(
+    gemma: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The check at install is real: a compiled call that changed a bit keeps the module on
-    MLX's norm."""
+    MLX's norm (either routed class)."""
+    name = "_one_plus_compiled" if gemma else "_plain_compiled"
+    exact = getattr(compiled_norm, name)
 
     def off_by_a_bit(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-        return mx.fast.rms_norm(x, weight, eps) * (1.0 + 2.0**-20)
+        return exact(x, weight, eps) * (1.0 + 2.0**-20)
 
-    monkeypatch.setattr(compiled_norm, "_plain_compiled", off_by_a_bit)
-    norm = nn.RMSNorm(16)
+    monkeypatch.setattr(compiled_norm, name, off_by_a_bit)
+    original = gemma3_text.RMSNorm if gemma else nn.RMSNorm
+    norm = original(16)
     norm.weight = mx.random.normal((16,))
     assert compiled_norm.install(norm) == 0
-    assert type(norm) is nn.RMSNorm
+    assert type(norm) is original
+
+
+def test_turned_off_the_loader_keeps_mlxs_norms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAGCACHE_COMPILED_NORMS=0: every norm stays MLX's."""
+    monkeypatch.setenv("RAGCACHE_COMPILED_NORMS", "0")
+    folder = build_tiny_model(tmp_path / "llama", LLAMA)
+    loaded = load_model(str(folder), tmp_path / "home")
+    assert not _routed(loaded.model)
+    assert any(type(m) is nn.RMSNorm for m in loaded.model.modules())
