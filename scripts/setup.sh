@@ -39,7 +39,8 @@ if [[ "$(uname -s)" == Linux ]]; then
     fi
   fi
   # MLX's CPU compiler runs g++: ragcache's attention fuses its softmax's exp with it
-  # (ragcache/attention.py); without g++ long prefills keep MLX's slower scalar exp.
+  # (ragcache/attention.py) and decode steps their norms (ragcache/compiled_norm.py); without
+  # g++ long prefills keep MLX's slower scalar exp and every norm MLX's eleven nodes.
   if ! command -v g++ >/dev/null; then
     log "installing g++ (for MLX's CPU compiler)"
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
