@@ -24,7 +24,13 @@ from ragcache.engine import Completion, Engine, TextDelta
 from ragcache.errors import ConfigError, InvalidRequestError
 from ragcache.model_loader import LoadedModel
 from ragcache.runtime import ModelWorker, WorkerSettings
-from ragcache.runtime.lookup import DraftLength, DraftPayoff, LookupSettings, PromptLookup
+from ragcache.runtime.lookup import (
+    DraftLength,
+    DraftPayoff,
+    DraftRecord,
+    LookupSettings,
+    PromptLookup,
+)
 from ragcache.runtime.speculate import CannotCutBack, SpeculativeDecoder, cut_back
 from ragcache.runtime.ticket import Ticket
 from ragcache.sampling import SamplingParams
@@ -71,6 +77,7 @@ def test_draft_length_adapts_and_bad_settings_are_refused() -> None:
         LookupSettings(judge_after=-1),
         LookupSettings(min_gain=0),
         LookupSettings(min_gain=float("nan")),
+        LookupSettings(probe_every=0),
     )
     for bad in bad_settings:
         with pytest.raises(ConfigError):
@@ -106,6 +113,60 @@ def test_drafting_pays_while_its_tokens_per_second_beat_plain_steps(
             not payoff.gave_up and drafted_steps >= judge_after > plain_steps
         )
     assert DraftPayoff(0).pays is None and not DraftPayoff(0).wants_plain_step  # never judged
+
+
+def _payoff(drafted: int, plain: int, drafted_s: float, plain_s: float, out: int) -> DraftPayoff:
+    """A finished sequence's measurement: `drafted` steps that gave `out` tokens in
+    `drafted_s`, and `plain` steps in `plain_s`."""
+    payoff = DraftPayoff(judge_after=0)
+    for _ in range(drafted):
+        payoff.add(drafted_s / drafted, 2, out // drafted)
+    for _ in range(plain):
+        payoff.add(plain_s / plain, 0, 1)
+    return payoff
+
+
+def test_the_record_keeps_new_sequences_off_drafts_that_do_not_pay_but_probes() -> None:
+    """Across sequences: no verdict until both kinds of step were seen 2 * judge_after times;
+    drafts slower than plain steps keep new sequences off drafts but one in `probe_every`;
+    recent probes that measure drafting faster lift it (older sequences weigh less)."""
+    record = DraftRecord(judge_after=4, probe_every=3)
+    assert record.pays is None and record.start_drafting()
+    slower = _payoff(drafted=5, plain=5, drafted_s=1.0, plain_s=0.5, out=5)  # 5 vs 10 tok/s
+    record.add(slower)
+    assert record.pays is None  # 5 steps of each kind: not yet 8
+    record.add(slower)
+    assert record.pays is False
+    assert [record.start_drafting() for _ in range(6)] == [False, False, True] * 2
+    faster = _payoff(drafted=6, plain=6, drafted_s=0.6, plain_s=1.2, out=18)  # 30 vs 5 tok/s
+    record.add(faster)
+    assert record.pays is True and record.start_drafting() and record.start_drafting()
+    record.add(DraftPayoff(judge_after=0))  # a sequence that never stepped alone: no change
+    assert record.pays is True
+    assert DraftRecord(judge_after=0).pays is None  # never judged
+
+
+def test_a_model_whose_drafts_did_not_pay_starts_new_requests_in_the_batch(
+    tiny_llama: LoadedModel, merges: list[int]
+) -> None:
+    """The worker's record says drafting does not pay here: a new request decodes in the batch
+    from its first token (no drafts, never alone), with plain greedy's tokens; the probe, one
+    request in `probe_every`, drafts again."""
+    prompt, expected = long_answer(tiny_llama)
+    lookup = LookupSettings(probe_every=2)
+    worker = ModelWorker(Engine(tiny_llama), WorkerSettings(lookup=lookup)).start()
+    try:
+        slower = _payoff(drafted=20, plain=20, drafted_s=4.0, plain_s=1.0, out=20)
+        worker.call(lambda: worker.drafts.add(slower))
+        assert worker.drafts.pays is False
+        params = SamplingParams(max_tokens=40, stop_loops=False)
+        plain = completion(worker.submit(prompt, params))
+        assert plain.tokens == expected and plain.stats.drafted_tokens == 0
+        assert merges == []  # never alone: it did not leave the batch to draft
+        probe = completion(worker.submit(prompt, params))
+        assert probe.tokens == expected and probe.stats.drafted_tokens > 0
+    finally:
+        worker.stop()
 
 
 class DraftCostClock:

@@ -38,6 +38,11 @@ class LookupSettings:
     # accepts little is slower drafting than not. 0: never judged.
     judge_after: int = 8
     min_gain: float = 1.0
+    # The same measurement kept across the sequences that finished (`DraftRecord`): once it
+    # says drafting does not pay for this model (Gemma 3 with its output screen: a verify costs
+    # more than the tokens it adds, every sequence paid its judging steps), new sequences decode
+    # without drafts but one in `probe_every`, which keeps measuring. 1: every sequence drafts.
+    probe_every: int = 4
 
     def validate(self) -> LookupSettings:
         """Raise ConfigError on values drafting cannot use; return self."""
@@ -55,6 +60,8 @@ class LookupSettings:
                 f"judge_after must be >= 0 and min_gain > 0, got {self.judge_after} and "
                 f"{self.min_gain}"
             )
+        if self.probe_every < 1:
+            raise ConfigError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.max_draft < 1 or self.initial_draft < 1:
             raise ConfigError(
                 f"draft lengths must be >= 1, got max_draft {self.max_draft}, "
@@ -160,3 +167,54 @@ class DraftPayoff:
         drafted_rate = self.drafted_out / self.drafted_s if self.drafted_s > 0 else float("inf")
         plain_rate = self.plain_steps / self.plain_s if self.plain_s > 0 else float("inf")
         return drafted_rate >= self.min_gain * plain_rate
+
+
+@dataclass
+class DraftRecord:
+    """What drafting measured on one model's finished sequences, for the next ones: their
+    `DraftPayoff` sums, each older sequence weighing `decay` times less, so the verdict follows
+    the current workload. Once both kinds of step were seen `2 * judge_after` times (weighted)
+    and drafted steps gave fewer than `min_gain` times the plain steps' tokens per second, a new
+    sequence starts without drafts but one in `probe_every`; a probe that measures drafting
+    paying again lifts that."""
+
+    judge_after: int
+    min_gain: float = 1.0
+    probe_every: int = 4
+    decay: float = 0.75
+    drafted_s: float = 0.0
+    drafted_steps: float = 0.0
+    drafted_out: float = 0.0
+    plain_s: float = 0.0
+    plain_steps: float = 0.0
+    asked: int = 0  # new sequences that asked whether to draft while it did not pay
+
+    def add(self, payoff: DraftPayoff) -> None:
+        """Count a finished sequence's drafted and plain steps (their tokens and seconds)."""
+        if not payoff.drafted_steps and not payoff.plain_steps:
+            return
+        k = self.decay
+        self.drafted_s = k * self.drafted_s + payoff.drafted_s
+        self.drafted_steps = k * self.drafted_steps + payoff.drafted_steps
+        self.drafted_out = k * self.drafted_out + payoff.drafted_out
+        self.plain_s = k * self.plain_s + payoff.plain_s
+        self.plain_steps = k * self.plain_steps + payoff.plain_steps
+
+    @property
+    def pays(self) -> bool | None:
+        """None until enough steps of each kind were recorded (never when `judge_after` is 0)."""
+        n = 2 * self.judge_after
+        if n == 0 or self.drafted_steps < n or self.plain_steps < n:
+            return None
+        drafted_rate = self.drafted_out / self.drafted_s if self.drafted_s > 0 else float("inf")
+        plain_rate = self.plain_steps / self.plain_s if self.plain_s > 0 else float("inf")
+        return drafted_rate >= self.min_gain * plain_rate
+
+    def start_drafting(self) -> bool:
+        """Whether a new sequence drafts (ask once per sequence): yes unless the record says
+        drafting does not pay, and then for one sequence in `probe_every`."""
+        if self.pays is not False:
+            self.asked = 0
+            return True
+        self.asked += 1
+        return self.asked % self.probe_every == 0

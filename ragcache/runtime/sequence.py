@@ -52,6 +52,7 @@ class Sequence:
         self.prefill_done_at = 0.0
         self.counted_out = False  # the worker's in-flight count no longer includes it
         self.spec: SpeculativeDecoder | None = None  # set while decoding alone, speculatively
+        self.may_draft: bool | None = None  # the worker's one answer for this sequence
         self._steps: Iterator[int] | None = None
         self._detok: Any = None
         self.max_tokens = params.max_tokens

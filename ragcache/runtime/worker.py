@@ -32,7 +32,7 @@ from ragcache import failpoints
 from ragcache.engine import Engine
 from ragcache.errors import RagcacheError
 from ragcache.output_screen import greedy_steps
-from ragcache.runtime.lookup import LookupSettings
+from ragcache.runtime.lookup import DraftRecord, LookupSettings
 from ragcache.runtime.sequence import Sequence
 from ragcache.runtime.speculate import (
     SpeculativeDecoder,
@@ -132,7 +132,9 @@ class ModelWorker:
         self._gen: BatchGenerator | None = None
         self._by_uid: dict[int, Sequence] = {}
         self._solo: Sequence | None = None  # decoding alone, speculatively
-        self.settings.lookup.validate()
+        lookup = self.settings.lookup.validate()
+        # Whether drafting paid on the sequences that finished: new ones start from it.
+        self.drafts = DraftRecord(lookup.judge_after, lookup.min_gain, lookup.probe_every)
         self.completed = 0
         self.mean_request_s = 5.0  # for Retry-After; updated as requests finish
         self.crashes = 0  # times the loop crashed and was restarted
@@ -402,8 +404,15 @@ class ModelWorker:
             seq.params.speculation == "lookup"
             and seq.params.temperature == 0
             and can_cut_back(seq.prompt_cache)
-            and (seq.spec is None or seq.spec.drafting)  # it measured drafting slower: no more
+            and (seq.spec.drafting if seq.spec is not None else self._may_start_drafting(seq))
         )
+
+    def _may_start_drafting(self, seq: Sequence) -> bool:
+        """Asked once per sequence, when it could first go solo: whether drafting paid on
+        this model's recent sequences (`DraftRecord`); one in `probe_every` drafts regardless."""
+        if seq.may_draft is None:
+            seq.may_draft = self.drafts.start_drafting()
+        return seq.may_draft
 
     def _go_solo(self, seq: Sequence) -> None:
         rest, _, _ = seq.decode_inputs()
@@ -551,6 +560,8 @@ class ModelWorker:
 
     def _finish(self, seq: Sequence, reason: str, kv: Any, prefill_only: bool = False) -> None:
         failpoints.hit("worker.finish")
+        if seq.spec is not None:  # its drafted and plain steps' timings, for the next ones
+            self.drafts.add(seq.spec.payoff)
         seq.finish(reason, kv, self.engine.loaded.tokenizer, prefill_only)
         self._forget(seq)
         self.completed += 1
