@@ -9,6 +9,8 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
 
 - `decode_speedup`: decode tok/s with speculation over without (goal >= 2.0);
 - `acceptance_rate`, `accepted_per_step`: draft tokens accepted, and tokens per verify step;
+  `answers_drafting`: answers that drafted (the worker starts answers without drafts, but one in
+  4, once drafting measured not paying on its recent answers for the model);
 - `greedy_identical_rate`: answers identical token for token to plain greedy (goal 1.0);
 - `batched_speedup`: total throughput (prefill included) of 8 answers submitted at once to the
   worker at batch 4 and 8, speculation on over off, runs ordered off, on, on, off (goal >= 1.0);
@@ -298,6 +300,10 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
         "tokens_per_step": round(spec_decoded / steps, 3) if steps else 0.0,
         "greedy_identical_rate": round(sum(r["identical"] for r in rows) / len(rows), 3),
         "answers": len(rows),
+        # Answers that drafted at all: the worker stops starting answers on drafts (but one in
+        # LookupSettings.probe_every) once its record says drafting does not pay for the model;
+        # acceptance and tokens per step describe those answers only.
+        "answers_drafting": sum(1 for r in rows if r["drafted"]),
         "rows": rows,
     }
 

@@ -115,21 +115,25 @@ def test_drafting_pays_while_its_tokens_per_second_beat_plain_steps(
     assert DraftPayoff(0).pays is None and not DraftPayoff(0).wants_plain_step  # never judged
 
 
-def _payoff(drafted: int, plain: int, drafted_s: float, plain_s: float, out: int) -> DraftPayoff:
+def _payoff(
+    drafted: int, plain: int, drafted_s: float, plain_s: float, out: int, judged: bool = True
+) -> DraftPayoff:
     """A finished sequence's measurement: `drafted` steps that gave `out` tokens in
-    `drafted_s`, and `plain` steps in `plain_s`."""
-    payoff = DraftPayoff(judge_after=0)
+    `drafted_s`, and `plain` steps in `plain_s`; `judged`: enough of each for its own verdict."""
+    payoff = DraftPayoff(judge_after=min(drafted, plain) if judged else max(drafted, plain) + 1)
     for _ in range(drafted):
         payoff.add(drafted_s / drafted, 2, out // drafted)
     for _ in range(plain):
         payoff.add(plain_s / plain, 0, 1)
+    assert (payoff.pays is not None) == judged
     return payoff
 
 
 def test_the_record_keeps_new_sequences_off_drafts_that_do_not_pay_but_probes() -> None:
     """Across sequences: no verdict until both kinds of step were seen 2 * judge_after times;
     drafts slower than plain steps keep new sequences off drafts but one in `probe_every`;
-    recent probes that measure drafting faster lift it (older sequences weigh less)."""
+    recent probes that measure drafting faster lift it (older sequences weigh less); a
+    sequence too short for a verdict of its own is not counted."""
     record = DraftRecord(judge_after=4, probe_every=3)
     assert record.pays is None and record.start_drafting()
     slower = _payoff(drafted=5, plain=5, drafted_s=1.0, plain_s=0.5, out=5)  # 5 vs 10 tok/s
@@ -138,33 +142,42 @@ def test_the_record_keeps_new_sequences_off_drafts_that_do_not_pay_but_probes() 
     record.add(slower)
     assert record.pays is False
     assert [record.start_drafting() for _ in range(6)] == [False, False, True] * 2
+    short = _payoff(drafted=3, plain=2, drafted_s=0.1, plain_s=1.0, out=9, judged=False)
+    before = record.drafted_steps
+    record.add(short)
+    assert record.drafted_steps == before and record.pays is False
     faster = _payoff(drafted=6, plain=6, drafted_s=0.6, plain_s=1.2, out=18)  # 30 vs 5 tok/s
     record.add(faster)
     assert record.pays is True and record.start_drafting() and record.start_drafting()
-    record.add(DraftPayoff(judge_after=0))  # a sequence that never stepped alone: no change
-    assert record.pays is True
+    record.add(slower)
+    record.add(slower)
+    assert record.pays is False and record.asked == 0  # counted afresh: the 3rd asker probes
+    assert [record.start_drafting() for _ in range(3)] == [False, False, True]
     assert DraftRecord(judge_after=0).pays is None  # never judged
+    with pytest.raises(ConfigError):
+        DraftRecord(judge_after=4, probe_every=0)
 
 
 def test_a_model_whose_drafts_did_not_pay_starts_new_requests_in_the_batch(
-    tiny_llama: LoadedModel, merges: list[int]
+    tiny_llama: LoadedModel,
 ) -> None:
     """The worker's record says drafting does not pay here: a new request decodes in the batch
     from its first token (no drafts, never alone), with plain greedy's tokens; the probe, one
-    request in `probe_every`, drafts again."""
+    request in `probe_every`, drafts again, and its finish is recorded."""
     prompt, expected = long_answer(tiny_llama)
-    lookup = LookupSettings(probe_every=2)
+    lookup = LookupSettings(probe_every=2, judge_after=2)
     worker = ModelWorker(Engine(tiny_llama), WorkerSettings(lookup=lookup)).start()
     try:
         slower = _payoff(drafted=20, plain=20, drafted_s=4.0, plain_s=1.0, out=20)
         worker.call(lambda: worker.drafts.add(slower))
-        assert worker.drafts.pays is False
+        assert worker.call(lambda: worker.drafts.pays) is False
         params = SamplingParams(max_tokens=40, stop_loops=False)
         plain = completion(worker.submit(prompt, params))
         assert plain.tokens == expected and plain.stats.drafted_tokens == 0
-        assert merges == []  # never alone: it did not leave the batch to draft
+        assert plain.stats.decode_steps == 0  # never alone: no speculative decoder at all
         probe = completion(worker.submit(prompt, params))
         assert probe.tokens == expected and probe.stats.drafted_tokens > 0
+        assert worker.call(lambda: worker.drafts.drafted_steps) > 20 * 0.75  # the probe's too
     finally:
         worker.stop()
 

@@ -38,10 +38,8 @@ class LookupSettings:
     # accepts little is slower drafting than not. 0: never judged.
     judge_after: int = 8
     min_gain: float = 1.0
-    # The same measurement kept across the sequences that finished (`DraftRecord`): once it
-    # says drafting does not pay for this model (Gemma 3 with its output screen: a verify costs
-    # more than the tokens it adds, every sequence paid its judging steps), new sequences decode
-    # without drafts but one in `probe_every`, which keeps measuring. 1: every sequence drafts.
+    # Kept across finished sequences too (`DraftRecord`): where it says drafting does not pay,
+    # new sequences decode without drafts but one in `probe_every`. 1: every sequence drafts.
     probe_every: int = 4
 
     def validate(self) -> LookupSettings:
@@ -171,12 +169,13 @@ class DraftPayoff:
 
 @dataclass
 class DraftRecord:
-    """What drafting measured on one model's finished sequences, for the next ones: their
-    `DraftPayoff` sums, each older sequence weighing `decay` times less, so the verdict follows
-    the current workload. Once both kinds of step were seen `2 * judge_after` times (weighted)
-    and drafted steps gave fewer than `min_gain` times the plain steps' tokens per second, a new
-    sequence starts without drafts but one in `probe_every`; a probe that measures drafting
-    paying again lifts that."""
+    """What drafting measured on one model's finished sequences, for the next ones: the
+    `DraftPayoff` sums of the sequences that reached a verdict of their own, each older one
+    weighing `decay` times as much as the one after it, so the verdict follows the current
+    workload. Once both kinds of step were seen `2 * judge_after` times (weighted) and drafted
+    steps gave fewer than `min_gain` times the plain steps' tokens per second, a new sequence
+    starts without drafts but one in `probe_every`; probes lift that once they outweigh the
+    older record."""
 
     judge_after: int
     min_gain: float = 1.0
@@ -189,9 +188,21 @@ class DraftRecord:
     plain_steps: float = 0.0
     asked: int = 0  # new sequences that asked whether to draft while it did not pay
 
+    def __post_init__(self) -> None:
+        if self.probe_every < 1 or not 0 <= self.decay < 1:
+            raise ConfigError(
+                f"need probe_every >= 1 and 0 <= decay < 1, got {self.probe_every}, {self.decay}"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: LookupSettings) -> DraftRecord:
+        return cls(settings.judge_after, settings.min_gain, settings.probe_every)
+
     def add(self, payoff: DraftPayoff) -> None:
-        """Count a finished sequence's drafted and plain steps (their tokens and seconds)."""
-        if not payoff.drafted_steps and not payoff.plain_steps:
+        """Count a finished sequence's drafted and plain steps (their tokens and seconds), if it
+        was judged: each judged sequence brings `judge_after` steps of each kind at least, so a
+        verdict, once reached, never falls back to none on short probes."""
+        if payoff.pays is None:
             return
         k = self.decay
         self.drafted_s = k * self.drafted_s + payoff.drafted_s
@@ -202,7 +213,9 @@ class DraftRecord:
 
     @property
     def pays(self) -> bool | None:
-        """None until enough steps of each kind were recorded (never when `judge_after` is 0)."""
+        """True while drafted steps give at least `min_gain` times the plain steps' tokens per
+        second, False when they give fewer; None until enough steps were recorded, and always
+        when `judge_after` is 0 (never judged)."""
         n = 2 * self.judge_after
         if n == 0 or self.drafted_steps < n or self.plain_steps < n:
             return None

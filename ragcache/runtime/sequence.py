@@ -51,7 +51,9 @@ class Sequence:
         self.first_token_at = 0.0
         self.prefill_done_at = 0.0
         self.counted_out = False  # the worker's in-flight count no longer includes it
-        self.spec: SpeculativeDecoder | None = None  # set while decoding alone, speculatively
+        # Set once it first decodes alone, speculatively; kept after it joins the batch (its
+        # cache until then, and its drafts' timings, which the worker records at its finish).
+        self.spec: SpeculativeDecoder | None = None
         self.may_draft: bool | None = None  # the worker's one answer for this sequence
         self._steps: Iterator[int] | None = None
         self._detok: Any = None

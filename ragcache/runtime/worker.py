@@ -134,7 +134,7 @@ class ModelWorker:
         self._solo: Sequence | None = None  # decoding alone, speculatively
         lookup = self.settings.lookup.validate()
         # Whether drafting paid on the sequences that finished: new ones start from it.
-        self.drafts = DraftRecord(lookup.judge_after, lookup.min_gain, lookup.probe_every)
+        self.drafts = DraftRecord.from_settings(lookup)
         self.completed = 0
         self.mean_request_s = 5.0  # for Retry-After; updated as requests finish
         self.crashes = 0  # times the loop crashed and was restarted
