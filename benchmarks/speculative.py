@@ -228,7 +228,7 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
         finally:
             for m in routed:
                 m.__class__ = TableRoPE
-    compiled = {v: k for k, v in compiled_norm.COMPILED.items()}
+    compiled = {target: original for original, (target, _) in compiled_norm.ROUTES.items()}
     norms = [(m, type(m)) for m in net.modules() if type(m) in compiled]  # modules: unhashable
     if norms:  # the same step with MLX's own norms (ragcache.compiled_norm off)
         for m, cls in norms:
