@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ragcache import compiled_norm
 from ragcache.model_loader import LoadedModel, load_model
 from ragcache.runtime.lookup import MAX_DRAFT
-from tests.tiny_models import LLAMA, build_tiny_model
+from tests.tiny_models import LLAMA, build_tiny_model, step_logit_bits
 
 pytestmark = pytest.mark.skipif(
     mx.default_device().type != mx.cpu or not compiled_norm.compiler_available(),
@@ -110,15 +110,7 @@ def test_a_loaded_models_norms_are_compiled_and_its_logits_keep_their_bits(
     originals = [m for m in model.modules() if type(m) in compiled_norm.ROUTES]
     assert not originals, "the loader left a norm uncompiled"
 
-    def logits() -> list[np.ndarray]:
-        cache = make_prompt_cache(model)
-        out = [model(mx.array([list(range(3, 40))]), cache=cache)]
-        for token in (5, 9, 11, 2):
-            out.append(model(mx.array([[token]]), cache=cache))
-        out.append(model(mx.array([[4, 6, 8, 10]]), cache=cache))
-        return [_bits(o) for o in out]
-
-    assert _same_bits_routed_or_not(model, logits)
+    assert _same_bits_routed_or_not(model, lambda: step_logit_bits(model))
 
 
 def test_a_decode_step_has_fewer_graph_nodes(tiny_llama: LoadedModel) -> None:

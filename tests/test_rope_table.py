@@ -14,6 +14,7 @@ from mlx_lm.models.rope_utils import Llama3RoPE
 from ragcache import rope_table
 from ragcache.model_loader import LoadedModel
 from ragcache.runtime.lookup import MAX_DRAFT
+from tests.tiny_models import step_logit_bits
 
 pytestmark = pytest.mark.skipif(
     mx.default_device().type != mx.cpu, reason="routed on CPU only (elsewhere MLX has a kernel)"
@@ -108,15 +109,7 @@ def test_a_loaded_models_rope_is_routed_and_its_logits_keep_their_bits(
     routed = [m for m in model.modules() if isinstance(m, rope_table.TableRoPE)]
     assert routed and all(m._table.rows >= loaded.context_length for m in routed)
 
-    def logits() -> list[np.ndarray]:
-        cache = make_prompt_cache(model)
-        out = [model(mx.array([list(range(3, 40))]), cache=cache)]
-        for token in (5, 9, 11, 2):
-            out.append(model(mx.array([[token]]), cache=cache))
-        out.append(model(mx.array([[4, 6, 8, 10]]), cache=cache))
-        return [_bits(o) for o in out]
-
-    assert _same_bits_routed_or_not(routed, logits)
+    assert _same_bits_routed_or_not(routed, lambda: step_logit_bits(model))
 
 
 def test_other_rope_classes_are_left_alone() -> None:

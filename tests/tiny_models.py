@@ -165,3 +165,18 @@ def build_tiny_model(folder: Path, spec: TinySpec) -> Path:
     _write_tokenizer(folder, spec)
     _write_weights(folder, spec, config)
     return folder
+
+
+def step_logit_bits(model: Any) -> list[Any]:
+    """The bits of a model's logits over a fresh cache: a prefill, four decode steps and a
+    4-token verify (what a numerics change routed into a model must leave as they were)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([list(range(3, 40))]), cache=cache)]
+    for token in (5, 9, 11, 2):
+        out.append(model(mx.array([[token]]), cache=cache))
+    out.append(model(mx.array([[4, 6, 8, 10]]), cache=cache))
+    return [np.array(o).view(np.uint32) for o in out]
