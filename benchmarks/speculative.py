@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.quality import build_store  # noqa: E402
-from ragcache import attention, compiled_norm  # noqa: E402
+from ragcache import attention, compiled_norm, output_screen  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
 from ragcache.blas import skinny_kernel  # noqa: E402
 from ragcache.datasets import load_dataset  # noqa: E402
@@ -64,7 +64,6 @@ from ragcache.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from ragcache.embedder import SentenceTransformerEmbedder  # noqa: E402
 from ragcache.engine import Completion, Engine  # noqa: E402
 from ragcache.model_loader import load_model  # noqa: E402
-from ragcache import output_screen  # noqa: E402
 from ragcache.output_screen import greedy_steps, routes  # noqa: E402
 from ragcache.packed_weights import decode_weights, pack_model  # noqa: E402
 from ragcache.retrieve import Retriever  # noqa: E402

@@ -168,22 +168,18 @@ def load_settings(environ: Mapping[str, str] = os.environ, **overrides: Any) -> 
 
 def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
     """BLAS settings alone: read at import time, before anything else may fail."""
+
+    def on(name: str) -> bool:  # lenient here (import time must not fail); load_settings is not
+        return environ.get(name, "1").lower() not in {"0", "false", "no", "off"}
+
     return BlasSettings(
         mode=environ.get("RAGCACHE_BLAS", "auto"),
         library=environ.get("RAGCACHE_BLAS_LIBRARY", ""),
-        # Lenient here (import time must not fail); load_settings rejects a bad value loudly.
-        skinny_gemm=environ.get("RAGCACHE_SKINNY_GEMM", "1").lower()
-        not in {"0", "false", "no", "off"},
-        fast_softmax=environ.get("RAGCACHE_FAST_SOFTMAX", "1").lower()
-        not in {"0", "false", "no", "off"},
-        decode_attention=environ.get("RAGCACHE_DECODE_ATTENTION", "1").lower()
-        not in {"0", "false", "no", "off"},
-        packed_weights=environ.get("RAGCACHE_PACKED_WEIGHTS", "1").lower()
-        not in {"0", "false", "no", "off"},
-        rope_tables=environ.get("RAGCACHE_ROPE_TABLES", "1").lower()
-        not in {"0", "false", "no", "off"},
-        output_screen=environ.get("RAGCACHE_OUTPUT_SCREEN", "1").lower()
-        not in {"0", "false", "no", "off"},
-        compiled_norms=environ.get("RAGCACHE_COMPILED_NORMS", "1").lower()
-        not in {"0", "false", "no", "off"},
+        skinny_gemm=on("RAGCACHE_SKINNY_GEMM"),
+        fast_softmax=on("RAGCACHE_FAST_SOFTMAX"),
+        decode_attention=on("RAGCACHE_DECODE_ATTENTION"),
+        packed_weights=on("RAGCACHE_PACKED_WEIGHTS"),
+        rope_tables=on("RAGCACHE_ROPE_TABLES"),
+        output_screen=on("RAGCACHE_OUTPUT_SCREEN"),
+        compiled_norms=on("RAGCACHE_COMPILED_NORMS"),
     )

@@ -124,6 +124,16 @@ class DraftLength:
             self.value = max(1, self.value - 1)
 
 
+def _verdict(steps: DraftPayoff | DraftRecord, least: int, min_gain: float) -> bool | None:
+    """Whether drafted steps gave at least `min_gain` times the plain steps' tokens per second;
+    None until both kinds were seen `least` times (always when `least` is 0)."""
+    if least == 0 or steps.drafted_steps < least or steps.plain_steps < least:
+        return None
+    drafted_rate = steps.drafted_out / steps.drafted_s if steps.drafted_s > 0 else float("inf")
+    plain_rate = steps.plain_steps / steps.plain_s if steps.plain_s > 0 else float("inf")
+    return drafted_rate >= min_gain * plain_rate
+
+
 @dataclass
 class DraftPayoff:
     """Seconds per token of the steps that checked a draft against those of the steps that had
@@ -159,12 +169,7 @@ class DraftPayoff:
     def pays(self) -> bool | None:
         """False once both kinds of step were seen `judge_after` times and drafted steps gave
         fewer than `min_gain` times the plain steps' tokens per second; None until then."""
-        n = self.judge_after
-        if n == 0 or self.drafted_steps < n or self.plain_steps < n:
-            return None
-        drafted_rate = self.drafted_out / self.drafted_s if self.drafted_s > 0 else float("inf")
-        plain_rate = self.plain_steps / self.plain_s if self.plain_s > 0 else float("inf")
-        return drafted_rate >= self.min_gain * plain_rate
+        return _verdict(self, self.judge_after, self.min_gain)
 
 
 @dataclass
@@ -216,12 +221,7 @@ class DraftRecord:
         """True while drafted steps give at least `min_gain` times the plain steps' tokens per
         second, False when they give fewer; None until enough steps were recorded, and always
         when `judge_after` is 0 (never judged)."""
-        n = 2 * self.judge_after
-        if n == 0 or self.drafted_steps < n or self.plain_steps < n:
-            return None
-        drafted_rate = self.drafted_out / self.drafted_s if self.drafted_s > 0 else float("inf")
-        plain_rate = self.plain_steps / self.plain_s if self.plain_s > 0 else float("inf")
-        return drafted_rate >= self.min_gain * plain_rate
+        return _verdict(self, 2 * self.judge_after, self.min_gain)
 
     def start_drafting(self) -> bool:
         """Whether a new sequence drafts (ask once per sequence): yes unless the record says
