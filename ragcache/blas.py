@@ -162,9 +162,13 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
         skinny_on, skinny_reason = done.active, done.reason
         if skinny_on:  # what load_model does with a model's weights (ragcache.packed_weights)
             skinny_reason += (
-                "; a loaded model's weights read from packed copies"
-                if settings.packed_weights
-                else "; weights read row-major (RAGCACHE_PACKED_WEIGHTS=0)"
+                "; weights read row-major (RAGCACHE_PACKED_WEIGHTS=0)"
+                if not settings.packed_weights
+                else "; a loaded model's weights read from packed copies, those that are exact "
+                "4-bit codes as those"
+                if settings.q4_weights
+                else "; a loaded model's weights read from packed float copies "
+                "(RAGCACHE_Q4_WEIGHTS=0)"
             )
         if skinny_on:
             global _kernel

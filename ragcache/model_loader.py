@@ -7,11 +7,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ragcache.embedded_models import EMBEDDED_MODELS
 from ragcache.errors import ModelNotFoundError
 from ragcache.model_prepare import MANIFEST, prepare_model
+
+if TYPE_CHECKING:  # packed_weights imports mlx, which this module loads only in load_model
+    from ragcache.packed_weights import PackedWeights
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class LoadedModel:
     chat: bool  # has a chat template: prompts go through it
     context_length: int
     quantization: str
+    # What the decode kernel holds of its weights (ragcache.packed_weights); None: nothing packed.
+    packed: PackedWeights | None = None
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -120,8 +125,9 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
         rope_table.install(model, context_length)  # same bits, so the identity does not change
     if blas.compiled_norms and not lazy:
         compiled_norm.install(model)  # same bits, so the identity does not change
+    packed = None
     if kernel is not None and not lazy and blas.packed_weights:
-        pack_model(model, kernel)  # same bits, so the identity does not change
+        packed = pack_model(model, kernel, blas.q4_weights)  # same bits: the same identity
         if blas.output_screen:  # the same greedy tokens; K/V never depends on it
             output_screen.install(model, kernel)
     return LoadedModel(
@@ -133,6 +139,7 @@ def load_model(spec: str, home: Path, quant: str = "none", lazy: bool = False) -
         chat=bool(getattr(tokenizer, "chat_template", None)),
         context_length=context_length,
         quantization=_quantization_of(config),
+        packed=packed,
     )
 
 

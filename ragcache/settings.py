@@ -40,6 +40,10 @@ class BlasSettings:
     # That kernel reads each float32 weight of a loaded model from a packed copy
     # (ragcache/packed_weights.py): ~3x its row-major read rate, for a second copy of the weights.
     packed_weights: bool = True
+    # A weight that is exactly 4-bit codes (dequantized from a GGUF's Q4_1 blocks: SmolLM2's
+    # layers) is packed as those codes (ragcache/q4_weights.py): a fifth of the bytes for decode
+    # steps to read, the same bits; off: packed float copies for every weight.
+    q4_weights: bool = True
     # Prefill attention's softmax with a vectorized exp on CPU (ragcache/attention.py): MLX's own
     # exp is scalar there and took ~60% of a long prefill; off: MLX's attention for prefill.
     fast_softmax: bool = True
@@ -100,6 +104,7 @@ _ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "RAGCACHE_FAST_SOFTMAX": ("blas", "fast_softmax"),
     "RAGCACHE_DECODE_ATTENTION": ("blas", "decode_attention"),
     "RAGCACHE_PACKED_WEIGHTS": ("blas", "packed_weights"),
+    "RAGCACHE_Q4_WEIGHTS": ("blas", "q4_weights"),
     "RAGCACHE_OUTPUT_SCREEN": ("blas", "output_screen"),
     "RAGCACHE_ROPE_TABLES": ("blas", "rope_tables"),
     "RAGCACHE_COMPILED_NORMS": ("blas", "compiled_norms"),
@@ -179,6 +184,7 @@ def read_blas_settings(environ: Mapping[str, str] = os.environ) -> BlasSettings:
         fast_softmax=on("RAGCACHE_FAST_SOFTMAX"),
         decode_attention=on("RAGCACHE_DECODE_ATTENTION"),
         packed_weights=on("RAGCACHE_PACKED_WEIGHTS"),
+        q4_weights=on("RAGCACHE_Q4_WEIGHTS"),
         rope_tables=on("RAGCACHE_ROPE_TABLES"),
         output_screen=on("RAGCACHE_OUTPUT_SCREEN"),
         compiled_norms=on("RAGCACHE_COMPILED_NORMS"),

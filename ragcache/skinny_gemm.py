@@ -99,6 +99,8 @@ class SkinnyGemm:
         lib.skinny_gemm_counter.restype = ctypes.c_long
         lib.skinny_gemm_pack.argtypes = [p, i, i, i]
         lib.skinny_gemm_pack.restype = i
+        lib.skinny_gemm_pack_q4.argtypes = [p, i, i, i, p]
+        lib.skinny_gemm_pack_q4.restype = i
         lib.skinny_gemm_unpack.argtypes = [p]
         lib.skinny_gemm_unpack.restype = None
         lib.skinny_gemm_packed_bytes.argtypes = []
@@ -144,6 +146,17 @@ class SkinnyGemm:
         unchanged until `unpack`. False: no memory or the table is full (the weight is then
         read as it is)."""
         return int(self._lib.skinny_gemm_pack(ctypes.c_void_p(address), n, k, k)) == 0
+
+    def pack_q4(self, address: int, n: int, k: int, layout: Any) -> bool:
+        """Register the n x k float32 weight at `address` as exact 4-bit codes: `layout`, the
+        uint8 array `ragcache.q4_weights.kernel_layout` made from codes that rebuild the weight
+        bit for bit (copied here). One-row products then read the codes instead of the floats,
+        with the same bits. False: no memory, the table is full, or k is not a multiple of 32."""
+        import numpy as np
+
+        layout = np.ascontiguousarray(layout, dtype=np.uint8)
+        codes = ctypes.c_void_p(layout.ctypes.data)
+        return int(self._lib.skinny_gemm_pack_q4(ctypes.c_void_p(address), n, k, k, codes)) == 0
 
     def screen(self, address: int, n: int, k: int) -> bool:
         """Give the packed weight at `address` (n x k) an 8-bit screen, so that a greedy step's

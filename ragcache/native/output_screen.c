@@ -223,7 +223,8 @@ static int screened_product(int m, int n, int k, const float *a, int lda, const 
                             int ldb, float *c, int ldc) {
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   const packed_t *e = packed_entry(b, n, k, ldb);
-  const float *pk = e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
+  const void *copy = e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
+  const float *pk = copy && e->format == COPY_F32 ? copy : NULL; /* only a float copy is screened */
   /* Loaded once: a screen replaced meanwhile stays valid while packed_users is held. */
   const screen_t *s = pk ? __atomic_load_n(&e->screen, __ATOMIC_SEQ_CST) : NULL;
   if (!s) {
@@ -245,7 +246,8 @@ static int screened_product(int m, int n, int k, const float *a, int lda, const 
     for (int r = 0; r < m; r++) screen_gives_up();
     compute(m, n, k, a, lda, b, ldb, c, ldc);
   } else {
-    job_t whole = {m, 0, n, n, k, lda, k, n, a, NULL, NULL, NULL, 0, 0, s, scores, lowest, h_norms};
+    job_t whole = {m, 0, n, n, k, lda, k, n, a, NULL, NULL, COPY_F32, NULL, 0, 0, s, scores,
+                   lowest, h_norms};
     for (int r = 0; r < m; r++) lowest[SCREEN_ROWS + r] = -INFINITY; /* a half not split off */
     run_split(whole, n < 4096 ? 0 : ((n / 2) + 15) / 16 * 16);
     int *block_of = (int *)(scores + stride * m);
@@ -272,7 +274,9 @@ int skinny_gemm_screen(const float *b, int n, int k, int ldb) {
   for (int i = 0; i < PACKED; i++) {
     const packed_t *e = &packed_tab[(h + i) % PACKED];
     if (e->b == NULL) break;
-    if (e->b == b && e->packed && e->n == n && e->k == k && e->ldb == ldb) found = e;
+    if (e->b == b && e->packed && e->format == COPY_F32 && e->n == n && e->k == k &&
+        e->ldb == ldb)
+      found = e;
     if (e->b == b) break;
   }
   if (!found) {

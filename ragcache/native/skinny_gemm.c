@@ -183,11 +183,14 @@ static void tile_block(int m, int j0, int j1, int n, int k, const float *a, int 
  * an entry, so unregistering waits for none to hold it before freeing. */
 #define PACKED 4096
 struct screen; /* output_screen.c: a weight's int8 copy for greedy steps */
+enum { COPY_F32 = 0, COPY_Q4 = 1 }; /* a copy's format: packed floats, or exact 4-bit codes */
 typedef struct {
   const float *b;
   int n, k, ldb;
-  float *packed;         /* NULL: unregistered */
-  struct screen *screen; /* NULL: none; only with `packed`, dropped with it */
+  int format;            /* COPY_F32 or COPY_Q4; set before `packed` is published */
+  size_t bytes;          /* the copy's size */
+  void *packed;          /* the copy; NULL: unregistered */
+  struct screen *screen; /* NULL: none; only with a COPY_F32 copy, dropped with it */
 } packed_t;
 static packed_t packed_tab[PACKED];
 static pthread_mutex_t packed_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -207,7 +210,7 @@ static const packed_t *packed_entry(const float *b, int n, int k, int ldb) {
     const float *eb = __atomic_load_n(&e->b, __ATOMIC_ACQUIRE);
     if (eb == NULL) return NULL;
     if (eb == b) {
-      float *pk = __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST);
+      void *pk = __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST);
       /* The slot may have been taken for another weight since b was read (b unregistered, its
        * slot reused): that copy is the other weight's. */
       if (!pk || __atomic_load_n(&e->b, __ATOMIC_SEQ_CST) != b) return NULL;
@@ -217,19 +220,23 @@ static const packed_t *packed_entry(const float *b, int n, int k, int ldb) {
   return NULL;
 }
 
-/* The packed copy of weight `b`, or NULL; the caller holds packed_users. */
-static const float *packed_find(const float *b, int n, int k, int ldb) {
+/* The copy of weight `b` (its format in *format), or NULL; the caller holds packed_users. */
+static const void *packed_find(const float *b, int n, int k, int ldb, int *format) {
   const packed_t *e = packed_entry(b, n, k, ldb);
-  return e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
+  const void *pk = e ? __atomic_load_n(&e->packed, __ATOMIC_SEQ_CST) : NULL;
+  *format = pk ? e->format : COPY_F32;
+  return pk;
 }
 
 static void screen_free(struct screen *s);
 static long screen_size(const struct screen *s);
 
-/* Whether `b` has a packed copy now (a hint: compute() looks again under packed_users). */
+/* Whether `b` has a copy now: 0 none, 1 packed floats, 2 4-bit codes (a hint: compute() looks
+ * again under packed_users). */
 static int is_packed(const float *b, int n, int k, int ldb) {
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
-  int found = packed_find(b, n, k, ldb) != NULL;
+  int format;
+  int found = packed_find(b, n, k, ldb, &format) == NULL ? 0 : format == COPY_Q4 ? 2 : 1;
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
   return found;
 }
@@ -282,6 +289,83 @@ static void packed_block(int m, int j0, int j1, int n, int k, const float *a, in
 #define PACKED_STEP(R, r) packed_rows(R, r, j, n, k, a, lda, block, c, ldc)
     BY_FOUR_ROWS(m, PACKED_STEP);
 #undef PACKED_STEP
+  }
+}
+
+/* Registered weights held as exact 4-bit codes (ragcache/q4_weights.py): a weight dequantized
+ * from a GGUF's 4-bit blocks (Q4_1: w = d*q + m per 32 inputs of a row, in float32) is, value for
+ * value, scale * q + offset for a 4-bit q and two floats per row and 32 inputs. Read as those
+ * codes, a decode step streams ~0.75 bytes a weight instead of 4. Each weight is rebuilt in
+ * registers by the same float32 multiply and add that made it (this file is compiled with
+ * -ffp-contract=off, so they are not fused), so the FMA chains below get the very values the
+ * float copy holds, in the same order: the same bits. The loader checks every weight rebuilds
+ * exactly before it registers the codes.
+ * Layout: per block of 16 output rows, per 32 inputs: scale[16], offset[16] (floats), then for
+ * each of the 32 inputs 8 bytes: byte i holds row i's code in its low nibble and row i+8's in its
+ * high one. */
+#define Q4_GROUP 32
+#define Q4_GROUP_BYTES (16 * 4 * 2 + Q4_GROUP * 8)
+static size_t q4_size(int n, int k) {
+  return (size_t)((n + 15) / 16) * (size_t)(k / Q4_GROUP) * Q4_GROUP_BYTES;
+}
+
+/* packed_rows over 4-bit codes: rows r0 .. r0+R-1 of c over the 16 outputs from column j. */
+static inline __attribute__((always_inline)) void q4_rows(const int R, int r0, int j, int n,
+                                                          int k, const float *a, int lda,
+                                                          const uint8_t *block, float *c,
+                                                          int ldc) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m256 o_lo[4], o_hi[4], s_lo[4], s_hi[4];
+  __m256 scale_lo = _mm256_setzero_ps(), scale_hi = scale_lo, offset_lo = scale_lo,
+         offset_hi = scale_lo;
+  const uint8_t *codes = block;
+  for (int i = 0; i < R; i++) o_lo[i] = o_hi[i] = _mm256_setzero_ps();
+  for (int k0 = 0; k0 < k;) {
+    int len = next_block(k - k0);
+    for (int i = 0; i < R; i++) s_lo[i] = s_hi[i] = _mm256_setzero_ps();
+    for (int kk = k0; kk < k0 + len; kk++) {
+      if (kk % Q4_GROUP == 0 || kk == k0) { /* a new group (a K block may start inside one) */
+        const uint8_t *group = block + (size_t)(kk / Q4_GROUP) * Q4_GROUP_BYTES;
+        const float *f = (const float *)group;
+        scale_lo = _mm256_load_ps(f), scale_hi = _mm256_load_ps(f + 8);
+        offset_lo = _mm256_load_ps(f + 16), offset_hi = _mm256_load_ps(f + 24);
+        codes = group + 128;
+      }
+      __m128i v = _mm_loadl_epi64((const __m128i *)(codes + (size_t)(kk % Q4_GROUP) * 8));
+      __m128i q_lo = _mm_and_si128(v, nibble), q_hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+      __m256 w_lo = _mm256_add_ps(
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q_lo)), scale_lo), offset_lo);
+      __m256 w_hi = _mm256_add_ps(
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q_hi)), scale_hi), offset_hi);
+      for (int i = 0; i < R; i++) {
+        __m256 x = _mm256_broadcast_ss(a + (size_t)(r0 + i) * lda + kk);
+        s_lo[i] = _mm256_fmadd_ps(w_lo, x, s_lo[i]);
+        s_hi[i] = _mm256_fmadd_ps(w_hi, x, s_hi[i]);
+      }
+    }
+    for (int i = 0; i < R; i++)
+      o_lo[i] = _mm256_add_ps(o_lo[i], s_lo[i]), o_hi[i] = _mm256_add_ps(o_hi[i], s_hi[i]);
+    k0 += len;
+  }
+  for (int i = 0; i < R; i++) {
+    float *out = c + (size_t)(r0 + i) * ldc + j;
+    if (j + 16 <= n) {
+      _mm256_storeu_ps(out, o_lo[i]), _mm256_storeu_ps(out + 8, o_hi[i]);
+    } else {
+      float tmp[16];
+      _mm256_storeu_ps(tmp, o_lo[i]), _mm256_storeu_ps(tmp + 8, o_hi[i]);
+      memcpy(out, tmp, sizeof(float) * (size_t)(n - j));
+    }
+  }
+}
+
+static void q4_block(int m, int j0, int j1, int n, int k, const float *a, int lda,
+                     const uint8_t *codes, float *c, int ldc) {
+  for (int j = j0; j < j1; j += 16) {
+    const uint8_t *block = codes + (size_t)(j / 16) * (size_t)(k / Q4_GROUP) * Q4_GROUP_BYTES;
+#define Q4_STEP(R, r) q4_rows(R, r, j, n, k, a, lda, block, c, ldc)
+    BY_FOUR_ROWS(m, Q4_STEP);
+#undef Q4_STEP
   }
 }
 
@@ -408,6 +492,9 @@ static void ensure_atfork(void);
 
 static size_t packed_size(int n, int k) { return (size_t)((n + 15) / 16) * 16 * (size_t)k; }
 
+static int install_copy(const float *b, int n, int k, int ldb, void *pk, int format,
+                        size_t bytes);
+
 /* Packs weight `b` (n x k, leading dim ldb) for one-row products, copying its current contents
  * (a registration of an address seen before replaces the old copy: the address may now hold
  * another array). 0: done, 1: no memory, 2: table full. */
@@ -423,6 +510,27 @@ int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
         int j = jb * 16 + l;
         pk[((size_t)jb * k + kk) * 16 + l] = j < n ? b[(size_t)j * ldb + kk] : 0.0f;
       }
+  return install_copy(b, n, k, ldb, pk, COPY_F32, floats * sizeof(float));
+}
+
+/* Registers weight `b` (n x k, leading dim ldb) as the 4-bit codes `codes` (q4_size(n, k) bytes
+ * in the layout above, copied; k a multiple of Q4_GROUP), which the caller has checked rebuild
+ * b's values exactly. Replaces any earlier copy of b. 0: done, 1: no memory, 2: table full,
+ * 3: k is not a multiple of Q4_GROUP. */
+int skinny_gemm_pack_q4(const float *b, int n, int k, int ldb, const uint8_t *codes) {
+  if (k % Q4_GROUP != 0 || k <= 0 || n <= 0) return 3;
+  size_t bytes = q4_size(n, k);
+  ensure_atfork();
+  uint8_t *copy = aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!copy) return 1;
+  memcpy(copy, codes, bytes);
+  return install_copy(b, n, k, ldb, copy, COPY_Q4, bytes);
+}
+
+/* Publishes `pk` (format, bytes) as b's copy, freeing any earlier one once no reader holds it.
+ * Takes ownership of pk (freed on failure). */
+static int install_copy(const float *b, int n, int k, int ldb, void *pk, int format,
+                        size_t bytes) {
   pthread_mutex_lock(&packed_mu);
   /* b's own slot if it has one (up to the first empty slot, where a lookup stops), else the
    * first free one on the way: an unregistered entry's, or the empty one. */
@@ -443,10 +551,10 @@ int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
     return 2;
   }
   if (slot->packed) { /* b registered before: readers may hold the old copy */
-    float *old = slot->packed;
+    void *old = slot->packed;
     __atomic_store_n(&slot->packed, NULL, __ATOMIC_SEQ_CST);
     while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
-    packed_bytes -= (long)(packed_size(slot->n, slot->k) * sizeof(float));
+    packed_bytes -= (long)slot->bytes;
     free(old);
   }
   if (slot->screen) { /* no reader left (above, or the slot was free) */
@@ -455,10 +563,10 @@ int skinny_gemm_pack(const float *b, int n, int k, int ldb) {
     slot->screen = NULL;
   }
   /* Taking a free slot: readers check `packed` (NULL until the end) before n, k and ldb. */
-  slot->n = n, slot->k = k, slot->ldb = ldb;
+  slot->n = n, slot->k = k, slot->ldb = ldb, slot->format = format, slot->bytes = bytes;
   __atomic_store_n(&slot->b, b, __ATOMIC_RELEASE);
   __atomic_store_n(&slot->packed, pk, __ATOMIC_SEQ_CST);
-  packed_bytes += (long)(floats * sizeof(float));
+  packed_bytes += (long)bytes;
   pthread_mutex_unlock(&packed_mu);
   return 0;
 }
@@ -471,10 +579,10 @@ void skinny_gemm_unpack(const float *b) {
     packed_t *e = &packed_tab[(h + i) % PACKED];
     if (e->b == NULL) break;
     if (e->b == b && e->packed) {
-      float *old = e->packed;
+      void *old = e->packed;
       __atomic_store_n(&e->packed, NULL, __ATOMIC_SEQ_CST);
       while (__atomic_load_n(&packed_users, __ATOMIC_SEQ_CST) != 0) _mm_pause();
-      packed_bytes -= (long)(packed_size(e->n, e->k) * sizeof(float));
+      packed_bytes -= (long)e->bytes;
       free(old);
       if (e->screen) {
         packed_bytes -= screen_size(e->screen);
@@ -499,7 +607,9 @@ long skinny_gemm_packed_bytes(void) { return packed_bytes; }
 #define HELPER_SPIN_NS 30000L
 typedef struct {
   int m, j0, j1, n, k, lda, ldb, ldc;
-  const float *a, *b, *pk; /* pk: b's packed copy, or NULL */
+  const float *a, *b;
+  const void *pk; /* b's copy (packed floats, or 4-bit codes: pk_format), or NULL */
+  int pk_format;
   float *c;
   int softmax; /* 1: rows j0 .. j1-1 of softmax(a) b, else columns j0 .. j1-1 of a b^T */
   int first;   /* softmax: the key its sums start from */
@@ -518,7 +628,9 @@ static void run_block(const job_t *w) {
                               w->c, w->ldc))
       for (int r = w->j0; r < w->j1; r++) /* no memory for the exponentials: loud, not wrong */
         for (int j = 0; j < w->n; j++) w->c[(size_t)r * w->ldc + j] = NAN;
-  } else if (w->pk)
+  } else if (w->pk && w->pk_format == COPY_Q4)
+    q4_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->pk, w->c, w->ldc);
+  else if (w->pk)
     packed_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->pk, w->c, w->ldc);
   else
     rows_block(w->m, w->j0, w->j1, w->n, w->k, w->a, w->lda, w->b, w->ldb, w->c, w->ldc);
@@ -622,9 +734,10 @@ static void run_split(job_t whole, int half) {
 static void compute(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
                     float *c, int ldc) {
   __atomic_add_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
-  const float *pk = packed_find(b, n, k, ldb);
+  int format;
+  const void *pk = packed_find(b, n, k, ldb, &format);
   if (pk) __atomic_add_fetch(&packed_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, c, 0, 0, NULL, NULL, NULL, NULL};
+  job_t whole = {m, 0, n, n, k, lda, ldb, ldc, a, b, pk, format, c, 0, 0, NULL, NULL, NULL, NULL};
   /* Halves a multiple of 16: a packed block (or a tile pair) is not split. */
   run_split(whole, n < 256 ? 0 : ((n / 2) + 15) / 16 * 16);
   __atomic_sub_fetch(&packed_users, 1, __ATOMIC_SEQ_CST);
@@ -634,7 +747,8 @@ static void compute(int m, int n, int k, const float *a, int lda, const float *b
 static void softmax_product(int m, int n, int k, int first, const float *a, int lda,
                             const float *b, int ldb, float *c, int ldc) {
   __atomic_add_fetch(&softmax_products, 1, __ATOMIC_RELAXED);
-  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, c, 1, first % k, NULL, NULL, NULL, NULL};
+  job_t whole = {m, 0, m, n, k, lda, ldb, ldc, a, b, NULL, COPY_F32, c, 1, first % k, NULL, NULL,
+                 NULL, NULL};
   run_split(whole, (long)m * n * k < 32768L ? 0 : (m + 1) / 2);
 }
 
@@ -673,7 +787,8 @@ static int canonical(int m, int n, int k, const float *a, int lda, const float *
 #include "output_screen.c"
 
 /* Shapes seen, with the verdict of their first call: 1 same bits as the reference, 2 not. A
- * shape is k with n's residue mod 64 and whether the weight is read packed (bit 6), so each
+ * shape is k with n's residue mod 64 and whether the weight is read packed (bit 6) or as 4-bit
+ * codes (bit 7), so each
  * path is checked on its own first call: the order of every sum depends on k alone, and the residue
  * covers OpenBLAS's edge tiles, while attention's products (n = the context, one more each step)
  * do not fill the table. */
@@ -684,7 +799,7 @@ static struct {
 static pthread_mutex_t shapes_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static int verdict_for(int n, int k) {
-  n &= 127;
+  n &= 255;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   for (int i = 0; i < SHAPES; i++) {
     int s = (h + i) % SHAPES;
@@ -696,7 +811,7 @@ static int verdict_for(int n, int k) {
 }
 
 static void record(int n, int k, int verdict) {
-  n &= 127;
+  n &= 255;
   unsigned h = ((unsigned)n * 2654435761u) ^ ((unsigned)k * 40503u);
   pthread_mutex_lock(&shapes_mu);
   for (int i = 0; i < SHAPES; i++) {
@@ -785,7 +900,7 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
     real_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  int shape = (n & 63) | (packed ? 64 : 0);
+  int shape = (n & 63) | (packed == 1 ? 64 : packed == 2 ? 128 : 0);
   verdict = reference_only ? 2 : verdict_for(shape, k);
   if (verdict == 2) { /* refused shape: the padded product gives the prefill's bits, slower */
     __atomic_add_fetch(&calls_passed, 1, __ATOMIC_RELAXED);
