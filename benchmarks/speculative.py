@@ -433,14 +433,18 @@ def plot(result: dict[str, Any]) -> None:
     spec = [result["models"][m]["spec_decode_tps"] for m in models]
     floor = [result["models"][m]["floor_tps"] for m in models]
     llama = [result["models"][m].get("llama_server_tps") or 0 for m in models]
-    ax.bar(x - 0.32, before, 0.16, label="plain, OpenBLAS and MLX attention")
-    ax.bar(x - 0.16, plain, 0.16, label="plain, decode kernel")
-    ax.bar(x, spec, 0.16, label="prompt lookup")
-    ax.bar(x + 0.16, llama, 0.16, label="llama-server (Q4 GGUF)")
-    ax.bar(x + 0.32, floor, 0.16, label="weight-read floor", color="grey")
+    floats = [result["models"][m].get("plain_decode_tps_float_copies", 0) for m in models]
+    w = 0.14
+    ax.bar(x - 2.5 * w, before, w, label="plain, OpenBLAS and MLX attention")
+    ax.bar(x - 1.5 * w, floats, w, label="plain, decode kernel, float copies")
+    ax.bar(x - 0.5 * w, plain, w, label="plain, decode kernel (4-bit codes where exact)")
+    ax.bar(x + 0.5 * w, spec, w, label="prompt lookup")
+    ax.bar(x + 1.5 * w, llama, w, label="llama-server (Q4 GGUF)")
+    ax.bar(x + 2.5 * w, floor, w, label="float32 weight-read floor", color="grey")
     ax.set_xticks(x, models)
     ax.set_ylabel("decode tokens/s")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.8 * max(before + floats + plain + spec + llama + floor))  # room for the legend
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
     ax = axes[1]
     labels = []
     values = []

@@ -164,8 +164,8 @@ def ensure_fast_blas(settings: BlasSettings | None = None) -> BlasStatus:
             skinny_reason += (
                 "; weights read row-major (RAGCACHE_PACKED_WEIGHTS=0)"
                 if not settings.packed_weights
-                else "; a loaded model's weights read from packed copies, those that are exact "
-                "4-bit codes as those"
+                else "; a loaded model's weights read from packed copies (4-bit codes where a "
+                "weight is exactly those)"
                 if settings.q4_weights
                 else "; a loaded model's weights read from packed float copies "
                 "(RAGCACHE_Q4_WEIGHTS=0)"

@@ -51,7 +51,10 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy is imported where it is used: this module loads before mlx and numpy
+    import numpy as np
 
 SOURCE = Path(__file__).with_name("native") / "skinny_gemm.c"
 # Included by SOURCE: part of what the built library's name hashes.
@@ -147,14 +150,18 @@ class SkinnyGemm:
         read as it is)."""
         return int(self._lib.skinny_gemm_pack(ctypes.c_void_p(address), n, k, k)) == 0
 
-    def pack_q4(self, address: int, n: int, k: int, layout: Any) -> bool:
+    def pack_q4(self, address: int, n: int, k: int, layout: np.ndarray) -> bool:
         """Register the n x k float32 weight at `address` as exact 4-bit codes: `layout`, the
-        uint8 array `ragcache.q4_weights.kernel_layout` made from codes that rebuild the weight
-        bit for bit (copied here). One-row products then read the codes instead of the floats,
-        with the same bits. False: no memory, the table is full, or k is not a multiple of 32."""
+        uint8 array `ragcache.q4_weights.kernel_layout` makes (copied here). One-row products then
+        read the codes instead of the floats, with the same bits. False: the codes do not rebuild
+        the weight bit for bit (checked here), no memory, the table is full, or k is not a
+        multiple of 32."""
         import numpy as np
 
-        layout = np.ascontiguousarray(layout, dtype=np.uint8)
+        expected = -(-n // 16) * (k // 32) * 384  # native/skinny_gemm.c q4_size
+        if layout.dtype != np.uint8 or layout.size != expected:
+            raise ValueError(f"a {n} x {k} weight's codes are {expected} bytes, not {layout.size}")
+        layout = np.ascontiguousarray(layout)
         codes = ctypes.c_void_p(layout.ctypes.data)
         return int(self._lib.skinny_gemm_pack_q4(ctypes.c_void_p(address), n, k, k, codes)) == 0
 

@@ -77,7 +77,7 @@ def test_what_is_not_exact_codes_keeps_its_float_copy(why: str) -> None:
         weight[5, 7] = np.nan
     elif why == "float64":
         weight = weight.astype(np.float64)
-    else:  # 0 * scale + (-0.0) is +0.0: a block of -0.0 cannot be rebuilt with its bits
+    else:  # q * scale + (-0.0) is +0.0 for q = 0 and a scale >= 0: -0.0 cannot be rebuilt
         weight[2, :32] = np.float32(-0.0)
     assert find_codes(weight) is None
 
@@ -108,21 +108,48 @@ def test_the_kernel_layout_holds_every_code_scale_and_offset(n: int, groups: int
     assert np.array_equal(back.scale, found.scale) and np.array_equal(back.offset, found.offset)
 
 
+def split_block_k(kernel) -> int | None:
+    """An input count, a multiple of 32, that OpenBLAS splits into two K blocks whose boundary
+    falls inside a group of 32 (a remainder between one and two blocks is halved, rounded up to
+    the unroll), or None where this machine's blocking never does that."""
+    k_block, unroll = kernel.blocking
+    for k in range(k_block + GROUP, 2 * k_block, GROUP):
+        half = (k + 1) // 2
+        half = (half + unroll - 1) // unroll * unroll
+        if half % GROUP:
+            return k
+    return None
+
+
 @needs_kernel
-@pytest.mark.parametrize(("n", "k"), [(576, 576), (192, 576), (1536, 576), (576, 1536), (264, 96)])
-def test_a_row_read_through_the_codes_has_its_prefill_bits(kernel, n: int, k: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "k"), [(576, 576), (192, 576), (1536, 576), (576, 1536), (264, 96), (72, "split")]
+)
+def test_a_row_read_through_the_codes_has_its_prefill_bits(kernel, n: int, k) -> None:
     """Decode rows, batches and verifies (1-8 rows) over a weight held as codes: each row has the
-    bits it gets inside a 64-row prefill (OpenBLAS over the float32 weight)."""
+    bits it gets inside a 64-row prefill, computed by OpenBLAS's reference product over the float32
+    weight. `split`: a K block starts inside a group of 32 inputs."""
+    if k == "split":
+        k = split_block_k(kernel)
+        if k is None:
+            pytest.skip("this OpenBLAS's K blocks always split on multiples of 32")
     w_np = random_q4_weight(n, k, seed=n + k)
     w = mx.array(w_np)
     x = mx.random.normal((64, k), key=mx.random.key(5))
-    prefill = np.array(x @ w.T).view(np.uint32)
+    kernel.set_reference_only(True)
+    try:
+        prefill = np.array(x @ w.T).view(np.uint32)
+    finally:
+        kernel.set_reference_only(False)
     address = np.array(w, copy=False).ctypes.data
-    layout = kernel_layout(find_codes(w_np))
+    found = find_codes(w_np)
+    assert found is not None
+    layout = kernel_layout(found)
+    assert layout.nbytes * 5 < (n + 15) // 16 * 16 * k * 4  # under a fifth of the float copy
     before = kernel.packed_bytes()
     assert kernel.pack_q4(address, n, k, layout)
     try:
-        assert kernel.packed_bytes() - before == layout.nbytes  # a fifth of the float copy
+        assert kernel.packed_bytes() - before == layout.nbytes
         packed = kernel.counters()["packed"]
         for m in (1, 2, 3, 4, 5, 7, 8):
             rows = np.array(x[:m] @ w.T).view(np.uint32)
@@ -135,8 +162,19 @@ def test_a_row_read_through_the_codes_has_its_prefill_bits(kernel, n: int, k: in
 
 @needs_kernel
 def test_the_kernel_refuses_codes_it_cannot_read(kernel) -> None:
-    w = np.zeros((16, 48), np.float32)
-    assert not kernel.pack_q4(w.ctypes.data, 16, 48, np.zeros(16 * 384, np.uint8))
+    """Codes of the wrong size are an error; codes for k not a multiple of 32, or that do not
+    rebuild the weight bit for bit (checked in C), register nothing: the float copy stays."""
+    w = random_q4_weight(16, 64, seed=9)
+    found = find_codes(w)
+    assert found is not None
+    with pytest.raises(ValueError, match="768 bytes"):
+        kernel.pack_q4(w.ctypes.data, 16, 64, kernel_layout(found)[:-1])
+    before = kernel.packed_bytes()
+    odd = np.zeros((16, 48), np.float32)
+    assert not kernel.pack_q4(odd.ctypes.data, 16, 48, np.zeros(384, np.uint8))
+    wrong = Q4Codes(found.scale, found.offset, (found.codes + 1) % 16)
+    assert not kernel.pack_q4(w.ctypes.data, 16, 64, kernel_layout(wrong))
+    assert kernel.packed_bytes() == before
 
 
 @needs_kernel
@@ -153,8 +191,7 @@ def test_a_loaded_q4_model_decodes_with_the_bits_of_its_float_copies(
 
     from ragcache.model_loader import load_model
     from ragcache.packed_weights import decode_weights
-    from tests.test_skinny_gemm import _decode_logits
-    from tests.tiny_models import LLAMA, build_tiny_model
+    from tests.tiny_models import LLAMA, build_tiny_model, step_logit_bits
 
     folder = build_tiny_model(tmp_path / "m", LLAMA)
     (weights_file,) = folder.glob("*.safetensors")
@@ -172,14 +209,17 @@ def test_a_loaded_q4_model_decodes_with_the_bits_of_its_float_copies(
     n, k = LLAMA.vocab_size, LLAMA.hidden_size  # the output layer: float copy and its screen
     head = n * k * 4 + n * (k + 8)
     assert kernel.packed_bytes() - before == q4_bytes + head
+    assert model.packed is not None and model.packed.q4_matrices == len(layer_weights)
     assert q4_bytes * 5 < float_bytes
-    through_codes = _decode_logits(model, 12)
+    packed = kernel.counters()["packed"]
+    through_codes = step_logit_bits(model.model)  # a prefill, decode steps and a verify
+    assert kernel.counters()["packed"] > packed
     kernel.set_reference_only(True)
     try:
-        reference = _decode_logits(model, 12)
+        reference = step_logit_bits(model.model)
     finally:
         kernel.set_reference_only(False)
-    assert np.array_equal(through_codes.view(np.uint32), reference.view(np.uint32))
+    assert all(map(np.array_equal, through_codes, reference))
     del model
     gc.collect()
     assert kernel.packed_bytes() == before
@@ -187,4 +227,5 @@ def test_a_loaded_q4_model_decodes_with_the_bits_of_its_float_copies(
     monkeypatch.setenv("RAGCACHE_Q4_WEIGHTS", "0")
     floats = load_model(str(folder), tmp_path / "home")
     assert kernel.packed_bytes() - before == float_bytes + head
-    assert np.array_equal(_decode_logits(floats, 12).view(np.uint32), through_codes.view(np.uint32))
+    assert floats.packed is not None and floats.packed.q4_matrices == 0
+    assert all(map(np.array_equal, step_logit_bits(floats.model), through_codes))
