@@ -7,14 +7,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ragcache.embedded_models import EMBEDDED_MODELS
 from ragcache.errors import ModelNotFoundError
 from ragcache.model_prepare import MANIFEST, prepare_model
-
-if TYPE_CHECKING:  # packed_weights imports mlx, which this module loads only in load_model
-    from ragcache.packed_weights import PackedWeights
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +28,10 @@ class LoadedModel:
     chat: bool  # has a chat template: prompts go through it
     context_length: int
     quantization: str
-    # What the decode kernel holds of its weights (ragcache.packed_weights); None: nothing packed.
-    packed: PackedWeights | None = None
+    # What the decode kernel holds of its weights: a ragcache.packed_weights.PackedWeights, or None
+    # when nothing is packed. Typed Any because the server resolves these hints at run time and
+    # packed_weights imports mlx, which this module loads only in load_model.
+    packed: Any = None
 
     @property
     def eos_token_ids(self) -> set[int]:
