@@ -32,6 +32,9 @@ import numpy as np
 GROUP = 32  # inputs per scale and offset (native/skinny_gemm.c: Q4_GROUP)
 ROWS = 16  # output rows per block of the layout (one AVX2 vector pair)
 MAX_CODE = 15
+# Bytes per block of ROWS rows and GROUP inputs in the kernel's layout: ROWS scales and ROWS
+# offsets (float32), then GROUP inputs of ROWS 4-bit codes (native/skinny_gemm.c Q4_GROUP_BYTES).
+GROUP_BYTES = ROWS * 4 * 2 + GROUP * ROWS // 2
 # Scale candidates tried, in float16 steps from the nearest (up to two either way, never below
 # zero): a block's largest value was rounded once when it was made (d*15 + m), so the scale it
 # came from is the nearest float16 or one next to it.
@@ -132,6 +135,11 @@ def _step(values: np.ndarray, steps: int) -> np.ndarray:
     for _ in range(abs(steps)):
         out = np.nextafter(out, toward)
     return out
+
+
+def layout_bytes(n: int, k: int) -> int:
+    """The size of an n x k weight's codes in the kernel's layout (the last block padded)."""
+    return -(-n // ROWS) * (k // GROUP) * GROUP_BYTES
 
 
 def kernel_layout(found: Q4Codes) -> np.ndarray:

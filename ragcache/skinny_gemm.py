@@ -158,7 +158,9 @@ class SkinnyGemm:
         multiple of 32."""
         import numpy as np
 
-        expected = -(-n // 16) * (k // 32) * 384  # native/skinny_gemm.c q4_size
+        from ragcache.q4_weights import layout_bytes
+
+        expected = layout_bytes(n, k)
         if layout.dtype != np.uint8 or layout.size != expected:
             raise ValueError(f"a {n} x {k} weight's codes are {expected} bytes, not {layout.size}")
         layout = np.ascontiguousarray(layout)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ragcache.blas import cpu_flags
-from ragcache.q4_weights import GROUP, Q4Codes, find_codes, kernel_layout
+from ragcache.q4_weights import GROUP, Q4Codes, find_codes, kernel_layout, layout_bytes
 from ragcache.skinny_gemm import cpu_supports_kernel
 
 needs_kernel = pytest.mark.skipif(
@@ -102,7 +102,7 @@ def test_the_kernel_layout_holds_every_code_scale_and_offset(n: int, groups: int
     found = find_codes(weight)
     assert found is not None
     layout = kernel_layout(found)
-    assert layout.dtype == np.uint8 and layout.size == -(-n // 16) * groups * 384
+    assert layout.dtype == np.uint8 and layout.size == layout_bytes(n, groups * GROUP)
     back = _read_layout(layout, n, groups * GROUP)
     assert np.array_equal(back.codes, found.codes)
     assert np.array_equal(back.scale, found.scale) and np.array_equal(back.offset, found.offset)
@@ -205,7 +205,7 @@ def test_a_loaded_q4_model_decodes_with_the_bits_of_its_float_copies(
     model = load_model(str(folder), tmp_path / "home")
     layer_weights = [w for w in decode_weights(model.model) if w.shape[0] != LLAMA.vocab_size]
     float_bytes = sum((w.shape[0] + 15) // 16 * 16 * w.shape[1] * 4 for w in layer_weights)
-    q4_bytes = sum((w.shape[0] + 15) // 16 * w.shape[1] // GROUP * 384 for w in layer_weights)
+    q4_bytes = sum(layout_bytes(*w.shape) for w in layer_weights)
     n, k = LLAMA.vocab_size, LLAMA.hidden_size  # the output layer: float copy and its screen
     head = n * k * 4 + n * (k + 8)
     assert kernel.packed_bytes() - before == q4_bytes + head
